@@ -1,0 +1,1 @@
+"""ch01_tokenization: see the chapter notebook."""

@@ -1,0 +1,1 @@
+"""ch03_gpt_model: see the chapter notebook."""

@@ -1,0 +1,1 @@
+"""ch04_pretraining: see the chapter notebook."""

@@ -1,0 +1,1 @@
+"""ch05_finetuning: see the chapter notebook."""

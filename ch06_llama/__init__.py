@@ -1,0 +1,1 @@
+"""ch06_llama: see the chapter notebook."""

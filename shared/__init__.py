@@ -1,0 +1,1 @@
+"""The companion's own helpers: device, scale, data, export, plots."""

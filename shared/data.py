@@ -1,0 +1,252 @@
+"""Data files, offline first.
+
+`fetch(name)` returns a local path to a registered file. It looks, in order:
+
+1. in the cache, `LLM_DATA_DIR` (default: ``~/.cache/llm-from-scratch``);
+2. in the mirror folders named by `LLM_DATA_MIRROR` (separated by ``os.pathsep``), read-only;
+3. at the file's URLs, primary first, then the backups, with a progress bar.
+
+Every copy is checked against its sha256 (or, for files too large to pin, a minimum size) before it is
+used. A download is written to a temporary file beside the cache and renamed into place only once it
+checks out, so a corrupted or interrupted download never leaves a file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_ENV = "LLM_DATA_DIR"
+MIRROR_ENV = "LLM_DATA_MIRROR"
+DEFAULT_CACHE = Path("~/.cache/llm-from-scratch")
+
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
+_RASBT_GH = "https://github.com/rasbt/LLMs-from-scratch/raw/main"
+_OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+_TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One registered file: where it comes from and how to recognise a good copy.
+
+    `sha256` is None only for files too large to pin; those are checked by `min_bytes`.
+    `zip_member` names the file inside a zip archive when the URLs serve an archive.
+    An entry with no URLs is a fixture that lives only in the offline mirror.
+    """
+
+    name: str
+    filename: str
+    urls: tuple[str, ...]
+    sha256: str | None
+    min_bytes: int = 1
+    zip_member: str | None = None
+    description: str = field(default="", compare=False)
+
+
+REGISTRY: dict[str, DataFile] = {}
+
+
+def register(entry: DataFile) -> DataFile:
+    """Add `entry` to the registry (replacing one of the same name) and return it."""
+    if entry.sha256 is None and entry.min_bytes <= 1:
+        raise ValueError(f"{entry.name}: an unpinned file (sha256=None) needs a min_bytes size check")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+for _entry in [
+    DataFile(
+        "the-verdict", "the-verdict.txt",
+        (f"{_RASBT}/ch02/01_main-chapter-code/the-verdict.txt",
+         f"{_RASBT_GH}/ch02/01_main-chapter-code/the-verdict.txt"),
+        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+        description="Edith Wharton, The Verdict (1908); public domain",
+    ),
+    DataFile(
+        "tinyshakespeare", "tinyshakespeare.txt",
+        ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+         "https://github.com/karpathy/char-rnn/raw/master/data/tinyshakespeare/input.txt"),
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        description="Tiny Shakespeare, 1,115,394 characters; public domain",
+    ),
+    DataFile(
+        "instruction-data", "instruction-data.json",
+        (f"{_RASBT}/ch07/01_main-chapter-code/instruction-data.json",
+         f"{_RASBT_GH}/ch07/01_main-chapter-code/instruction-data.json"),
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+        description="1,100 instruction/input/output records; Apache-2.0",
+    ),
+    DataFile(
+        "sms-spam", "SMSSpamCollection",
+        ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+         "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"),
+        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+        zip_member="SMSSpamCollection",
+        description="SMS Spam Collection, label<TAB>text; UCI, CC BY 4.0",
+    ),
+    DataFile(
+        "gpt2-encoder", "encoder.json", (f"{_OPENAI}/encoder.json",),
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+        description="GPT-2 token-to-id map, 50,257 entries; OpenAI, modified MIT",
+    ),
+    DataFile(
+        "gpt2-vocab-bpe", "vocab.bpe", (f"{_OPENAI}/vocab.bpe",),
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        description="GPT-2's 50,000 BPE merges; OpenAI, modified MIT",
+    ),
+    DataFile(
+        "tinystories-valid", "TinyStoriesV2-GPT4-valid.txt",
+        (f"{_TINYSTORIES}/TinyStoriesV2-GPT4-valid.txt",), None, min_bytes=20_000_000,
+        description="TinyStories V2 (GPT-4) validation split, about 22.5 MB; CDLA-Sharing-1.0",
+    ),
+    DataFile(
+        "tinystories-train", "TinyStoriesV2-GPT4-train.txt",
+        (f"{_TINYSTORIES}/TinyStoriesV2-GPT4-train.txt",), None, min_bytes=2_000_000_000,
+        description="TinyStories V2 (GPT-4) training split, about 2.2 GB; CDLA-Sharing-1.0",
+    ),
+    DataFile(
+        "tinystories-sample", "tinystories_sample.txt", (),
+        "defaedb58bf28079f3e29c6142cb7f3568d331a577e0911c5d7925c465c50c43",
+        description="5 TinyStories stories: the format of the full files (mirror-only fixture)",
+    ),
+    DataFile(
+        "hellaswag-val", "hellaswag_val.jsonl",
+        ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",),
+        None, min_bytes=10_000_000,
+        description="HellaSwag validation set, 10,042 rows; MIT",
+    ),
+    DataFile(
+        "hellaswag-val-sample", "hellaswag_val_sample.jsonl", (),
+        "79b87117cffba9878961284f233797c5ebeba4193cb48a93eabc4a5a1156cc45",
+        description="1,000 real HellaSwag validation rows (mirror-only)",
+    ),
+]:
+    register(_entry)
+
+
+class DataUnavailableError(FileNotFoundError):
+    """No good copy of a registered file could be found or downloaded."""
+
+
+def cache_dir() -> Path:
+    """The folder downloads are kept in: `LLM_DATA_DIR`, or ``~/.cache/llm-from-scratch``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def mirror_dirs() -> list[Path]:
+    """The read-only mirror folders named by `LLM_DATA_MIRROR`, in order."""
+    raw = os.environ.get(MIRROR_ENV, "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(entry: DataFile, path: Path) -> str | None:
+    """None if `path` is a good copy of `entry`, else a sentence saying what is wrong."""
+    size = path.stat().st_size
+    if entry.sha256 is None:
+        if size < entry.min_bytes:
+            return f"{path} has {size:,} bytes, fewer than the {entry.min_bytes:,} expected"
+        return None
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        return f"{path} has sha256 {actual}, expected {entry.sha256}"
+    return None
+
+
+def fetch(name: str, *, progress: bool = True) -> Path:
+    """A verified local copy of the registered file `name` (see the module docstring)."""
+    if name not in REGISTRY:
+        raise KeyError(f"no data file named {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+    entry = REGISTRY[name]
+
+    cached = cache_dir() / entry.filename
+    if cached.is_file():
+        problem = verify(entry, cached)
+        if problem is None:
+            return cached
+        warnings.warn(f"removing a bad cached copy ({problem}); fetching {name} again", stacklevel=2)
+        cached.unlink()
+
+    for folder in mirror_dirs():
+        candidate = folder / entry.filename
+        if candidate.is_file():
+            problem = verify(entry, candidate)
+            if problem is None:
+                return candidate
+            warnings.warn(f"ignoring a bad mirror copy: {problem}", stacklevel=2)
+
+    failures = []
+    for url in entry.urls:
+        try:
+            return _download(entry, url, cached, progress=progress)
+        except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as err:
+            failures.append(f"  {url}: {err}")
+
+    tried = "\n".join(failures) if failures else "  (this file has no download URL: it ships in the mirror)"
+    raise DataUnavailableError(
+        f"could not get data file {name!r} ({entry.filename}).\n"
+        f"Tried to download from:\n{tried}\n"
+        f"Offline? Place {entry.filename} in {cache_dir()} (or set {CACHE_ENV}), or point {MIRROR_ENV} "
+        f"at a folder that holds it (several folders separated by {os.pathsep!r})."
+    )
+
+
+def _download(entry: DataFile, url: str, dest: Path, *, progress: bool) -> Path:
+    """Download `url` to a temporary file next to `dest`, verify it, rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if entry.zip_member is None:
+                _copy_url(url, out, progress=progress, label=entry.filename)
+            else:
+                buffer = io.BytesIO()
+                _copy_url(url, buffer, progress=progress, label=entry.filename)
+                with zipfile.ZipFile(buffer) as archive, archive.open(entry.zip_member) as member:
+                    shutil.copyfileobj(member, out)
+        problem = verify(entry, tmp)
+        if problem is not None:
+            raise ValueError(f"downloaded file is corrupt: {problem}")
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_url(url: str, out, *, progress: bool, label: str) -> None:
+    """Stream `url` into the binary file object `out`, with a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch-companion"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not progress,
+                  file=sys.stderr) as bar:
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
+def read_text(name: str) -> str:
+    """The registered file `name` decoded as UTF-8."""
+    return fetch(name).read_text(encoding="utf-8")
