@@ -1,0 +1,232 @@
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from ch03_gpt_model.gpt import (
+    GPT_CONFIGS,
+    GPTConfig,
+    GPTModel,
+    flops_per_token,
+    generate,
+    sample_next,
+    state_dict_to_hf,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+TINY = GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_model(seed=0, cfg=TINY):
+    torch.manual_seed(seed)
+    return GPTModel(cfg).eval()
+
+
+@pytest.fixture
+def hf_model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=101, n_positions=32, n_layer=2, n_head=4, n_embd=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+# ---- configuration ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, count", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                         ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_presets_have_the_published_parameter_counts(name, count):
+    with torch.device("meta"):
+        model = GPTModel(GPT_CONFIGS[name])
+    assert model.num_parameters() == count
+
+
+def test_config_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(12\)"):
+        GPTConfig(n_embd=100, n_head=12)
+    with pytest.raises(ValueError, match="n_layer must be a positive int"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(dropout=1.5)
+
+
+# ---- the model --------------------------------------------------------------------------
+
+def test_forward_shapes_and_tying():
+    model = tiny_model()
+    assert model(torch.randint(0, 101, (3, 32))).shape == (3, 32, 101)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="33 tokens but the context length is 32"):
+        tiny_model()(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
+        tiny_model()(torch.zeros(33, dtype=torch.long))
+
+
+def test_initial_loss_is_near_ln_vocab():
+    cfg = GPTConfig(vocab_size=1000, context_length=32, n_layer=2, n_head=4, n_embd=64)
+    model = tiny_model(cfg=cfg)
+    x, y = torch.randint(0, 1000, (4, 32)), torch.randint(0, 1000, (4, 32))
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert abs(loss.item() - math.log(1000)) < 0.2
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=101, context_length=32, n_layer=8, n_head=4, n_embd=256))
+    proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert fc == pytest.approx(0.02, rel=0.05)
+    assert proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+def test_state_dict_uses_hugging_face_names():
+    names = set(tiny_model().state_dict())
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight", "lm_head.weight"} <= names
+
+
+# ---- Hugging Face round trip ------------------------------------------------------------
+
+def test_loads_a_transformers_checkpoint(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    x = torch.randint(0, 101, (2, 32))
+    for source in [tmp_path, tmp_path / "model.safetensors"]:
+        ours = GPTModel.from_pretrained_hf(source).eval()
+        with torch.no_grad():
+            assert (ours(x) - hf_model(x).logits).abs().max() < 1e-4
+
+
+def test_exports_a_checkpoint_transformers_loads(tmp_path):
+    ours = tiny_model(3)
+    ours.save_pretrained_hf(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
+    assert json.loads((tmp_path / "config.json").read_text())["n_layer"] == 2
+
+
+def test_round_trip_through_our_own_files(tmp_path):
+    model = tiny_model(5)
+    again = GPTModel.from_pretrained_hf(model.save_pretrained_hf(tmp_path)).eval()
+    x = torch.randint(0, 101, (1, 16))
+    assert torch.equal(model(x), again(x))
+
+
+def test_old_style_checkpoint_without_prefix_and_with_mask_buffers(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_model(1)
+    tensors = {k.removeprefix("transformer."): v for k, v in state_dict_to_hf(model.state_dict()).items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    save_file(tensors, tmp_path / "old.safetensors")
+    loaded = GPTModel.from_pretrained_hf(tmp_path / "old.safetensors", cfg=TINY).eval()
+    x = torch.randint(0, 101, (1, 8))
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    other = GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=128)
+    with pytest.raises(ValueError, match="another config"):
+        GPTModel.from_pretrained_hf(tmp_path, cfg=other)
+    deeper = GPTConfig(vocab_size=101, context_length=32, n_layer=3, n_head=4, n_embd=64)
+    with pytest.raises(ValueError, match="missing"):
+        GPTModel.from_pretrained_hf(tmp_path, cfg=deeper)
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no safetensors checkpoint"):
+        GPTModel.from_pretrained_hf(tmp_path)
+    tiny_model().save_pretrained_hf(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json is missing"):
+        GPTModel.from_pretrained_hf(tmp_path)
+
+
+def test_export_without_biases_is_refused(tmp_path):
+    cfg = GPTConfig(vocab_size=101, context_length=32, n_layer=1, n_head=4, n_embd=64, bias=False)
+    with pytest.raises(ValueError, match="always has biases"):
+        GPTModel(cfg).save_pretrained_hf(tmp_path)
+
+
+def test_preset_name_offline_names_the_file(monkeypatch, tmp_path):
+    from shared import data
+
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path))
+    entry = data.REGISTRY["hf-gpt2"]
+    monkeypatch.setitem(data.REGISTRY, "hf-gpt2",
+                        data.DataFile(entry.name, entry.filename, ((tmp_path / "x").as_uri(),), None,
+                                      min_bytes=entry.min_bytes))
+    with pytest.raises(data.DataUnavailableError, match="hf-gpt2.safetensors"):
+        GPTModel.from_pretrained_hf("gpt2")
+    assert "huggingface.co/openai-community/gpt2" in entry.urls[0]
+
+
+# ---- generation -------------------------------------------------------------------------
+
+def test_greedy_is_argmax_and_deterministic():
+    model = tiny_model()
+    prompt = torch.randint(0, 101, (2, 5))
+    out = generate(model, prompt, 6, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, generate(model, prompt, 6, temperature=0))
+    with torch.no_grad():
+        assert torch.equal(out[:, 5], model(prompt)[:, -1].argmax(-1))
+
+
+def test_long_prompts_are_cropped_to_the_context():
+    model = tiny_model()
+    prompt = torch.randint(0, 101, (1, 50))
+    out = generate(model, prompt, 3, temperature=0)
+    assert out.shape == (1, 53)
+    assert torch.equal(out[:, 50:], generate(model, prompt[:, -32:], 3, temperature=0)[:, 32:])
+
+
+def test_eos_stops_generation():
+    model = tiny_model()
+    prompt = torch.randint(0, 101, (1, 4))
+    first = generate(model, prompt, 1, temperature=0)[0, -1].item()
+    out = generate(model, prompt, 10, temperature=0, eos_id=first)
+    assert out.shape == (1, 5)
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(3000, -1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    # softmax: 0.636, 0.234, 0.086, ... -> top_p=0.8 keeps the first two only
+    assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.5, generator=g).tolist()) == {0}
+    cold = sample_next(logits, temperature=0.1, generator=g)
+    assert (cold == 0).float().mean() > 0.99
+    with pytest.raises(ValueError):
+        generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 1, temperature=-1)
+    with pytest.raises(ValueError):
+        generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 1, top_p=0.0)
+
+
+def test_generate_restores_training_mode():
+    model = tiny_model().train()
+    generate(model, torch.zeros(1, 1, dtype=torch.long), 2)
+    assert model.training
+
+
+def test_flops_per_token():
+    cfg = GPT_CONFIGS["gpt2"]
+    n = 12 * 12 * 768**2 + 50257 * 768
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+    assert flops_per_token(cfg, seq=0, n_params=10) == 60
