@@ -230,3 +230,28 @@ def test_flops_per_token():
     n = 12 * 12 * 768**2 + 50257 * 768
     assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
     assert flops_per_token(cfg, seq=0, n_params=10) == 60
+
+
+def test_linear_cross_entropy_matches_pytorch_in_value_and_gradients():
+    from ch03_gpt_model.gpt import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 32, requires_grad=True)       # not a multiple of the chunk size
+    weight = (0.1 * torch.randn(1000, 32)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    expected_grads = torch.autograd.grad(2.5 * expected, [hidden, weight])
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=64)
+    grads = torch.autograd.grad(2.5 * loss, [hidden, weight])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, targets).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_model_with_targets_returns_the_loss():
+    model = tiny_model()
+    x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert model(x, y).item() == pytest.approx(expected.item(), abs=1e-5)

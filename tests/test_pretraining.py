@@ -1,0 +1,255 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel
+from ch04_pretraining.__main__ import parse_args
+from ch04_pretraining.pretraining import (
+    BatchSampler,
+    CharTokenizer,
+    GPT2Tokenizer,
+    TrainConfig,
+    TrainingDiverged,
+    configure_optimizer,
+    fit_micro_batch,
+    get_batch,
+    load_checkpoint,
+    lr_at,
+    scale_preset,
+    tokenize_to_memmap,
+    train,
+    train_val_split,
+)
+from shared.data import fetch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max_steps=12, warmup_steps=3,
+            eval_interval=4, eval_iters=2, lr=3e-3, min_lr=3e-4)
+
+
+def tiny_config(out_dir, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out_dir": str(out_dir), **kw})
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*args, env_extra=None, **popen):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "ch04_pretraining", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+# ---- pieces -------------------------------------------------------------------------------
+
+def test_char_tokenizer():
+    tok = CharTokenizer("hello world")
+    assert tok.chars == " dehlorw" and tok.n_vocab == 8
+    assert tok.decode(tok.encode("lower")) == "lower"
+    with pytest.raises(ValueError, match="'z' is not in"):
+        tok.encode("zoo")
+
+
+def test_split_is_first_90_last_10():
+    train_ids, val_ids = train_val_split(list(range(100)))
+    assert train_ids.tolist() == list(range(90)) and val_ids.tolist() == list(range(90, 100))
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert lrs[55] == pytest.approx(0.1 + 0.5 * 0.9, rel=1e-6)
+    assert lrs[100] == lrs[119] == 0.1
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2, n_embd=16))
+    decayed, plain = configure_optimizer(model, 1e-3, 0.1).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_sampler_is_resumable_and_batches_shift_by_one():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = BatchSampler(tokens, 16, seed=3)
+    a.next_starts(8)
+    state = a.state_dict()
+    expected = a.next_starts(8)
+    b = BatchSampler(tokens, 16, seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(b.next_starts(8), expected)
+    x, y = get_batch(tokens, expected, 16, "cpu")
+    assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_tokenize_to_memmap_on_tinystories_format(tmp_path):
+    tokenizer = GPT2Tokenizer()
+    text_path = fetch("tinystories-sample")
+    tokens = tokenize_to_memmap(text_path, tmp_path / "sample.bin", tokenizer, chunk_bytes=500, progress=False)
+    stories = [s.strip() for s in text_path.read_text().split("<|endoftext|>") if s.strip()]
+    expected = [i for s in stories for i in tokenizer.encode(s) + [tokenizer.eot]]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    assert int((tokens == tokenizer.eot).sum()) == len(stories) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["sample.bin"]
+
+
+def test_micro_batch_fits_the_gpu():
+    cfg = GPT_CONFIGS["gpt2"]
+    assert fit_micro_batch(cfg, 16e9, 64) == (8, 8)          # a T4
+    assert fit_micro_batch(cfg, 80e9, 64) == (32, 2)         # an A100 80GB
+    with pytest.raises(ValueError, match="does not fit"):
+        fit_micro_batch(GPT_CONFIGS["gpt2-xl"], 8e9, 64)
+
+
+def test_gpu_preset_is_gpt2_124m_on_tinystories():
+    cfg = scale_preset("gpu", gpu_memory_bytes=16e9)
+    assert cfg.data == "tinystories" and cfg.tokenizer == "gpt2" and cfg.time_budget_min == 60
+    assert cfg.batch_size * cfg.grad_accum == 64
+    with torch.device("meta"):
+        model = GPTModel(cfg.model_config(50257))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_cli_flags_override_the_preset():
+    cfg, resume = parse_args(["--scale", "smoke", "--n-layer", "3", "--lr", "0.01", "--no-bias", "--resume"])
+    assert cfg.n_layer == 3 and cfg.lr == 0.01 and cfg.bias is False and resume
+    assert cfg.n_embd == scale_preset("smoke").n_embd
+    with pytest.raises(SystemExit):
+        parse_args(["--min-lr", "1", "--lr", "0.1"])
+
+
+# ---- training -----------------------------------------------------------------------------
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    result = train(tiny_config(tmp_path, max_steps=40, eval_interval=20), log=lambda m: None)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s"}
+    assert rows[0]["train_loss"] == pytest.approx(math.log(65), abs=0.3)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+    assert result["step"] == 40
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_config(full), log=lambda m: None)
+    # a run that stopped after step 8: its last checkpoint is the one at step 8
+    shutil.copytree(full, resumed)
+    (resumed / "latest.json").write_text(json.dumps(
+        {"step": 8, "weights": "ckpt-0000008.safetensors", "state": "ckpt-0000008.pt"}))
+    train(tiny_config(resumed), resume=True, log=lambda m: None)
+    for a, b in zip(metrics(full), metrics(resumed), strict=True):
+        assert (a["step"], a["train_loss"], a["val_loss"]) == (b["step"], b["train_loss"], b["val_loss"])
+    final_full = load_file(full / "ckpt-0000012.safetensors")
+    final_resumed = load_file(resumed / "ckpt-0000012.safetensors")
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_checkpoints_are_safetensors_and_safe_to_load(tmp_path):
+    train(tiny_config(tmp_path), log=lambda m: None)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt-0000008.pt", "ckpt-0000008.safetensors", "ckpt-0000012.pt",
+                     "ckpt-0000012.safetensors", "latest.json", "metrics.jsonl"]
+    weights, state = load_checkpoint(tmp_path)
+    assert state["step"] == 12 and "transformer.wte.weight" in weights
+    with pytest.raises(ValueError, match="n_embd: checkpoint 32, now 64"):
+        load_checkpoint(tmp_path, tiny_config(tmp_path, n_embd=64))
+    with pytest.raises(FileNotFoundError, match="train without --resume"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(tiny_config(tmp_path, lr=1e30, min_lr=1e29, warmup_steps=1, grad_clip=0.0), log=lambda m: None)
+    weights, state = load_checkpoint(tmp_path)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_ctrl_c_saves_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    args = ["--scale", "smoke", "--max-steps", "400", "--eval-interval", "50"]
+    uninterrupted = run_cli(*args, "--out-dir", str(tmp_path / "a"))
+    interrupted = run_cli(*args, "--out-dir", str(tmp_path / "b"))
+    deadline = time.time() + 60
+    while not (tmp_path / "b" / "latest.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGINT)
+    out, err = interrupted.communicate(timeout=60)
+    assert uninterrupted.wait(timeout=120) == 0
+    assert interrupted.returncode == 130, err
+    assert "checkpoint saved" in out
+    resumed = run_cli(*args, "--out-dir", str(tmp_path / "b"), "--resume")
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert metrics(tmp_path / "a")[-1]["val_loss"] == metrics(tmp_path / "b")[-1]["val_loss"]
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    proc = run_cli("--scale", "smoke", "--out-dir", str(tmp_path), "--resume")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "no checkpoint" in err and "Traceback" not in err
+    proc = run_cli("--scale", "smoke", "--data", "no-such-data")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "neither a registered data set" in err
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
+    common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4"]
+    single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
+    assert single.wait(timeout=120) == 0, single.stderr.read()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                "-m", "ch04_pretraining", *common, "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")]
+    ddp = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    a = load_file(tmp_path / "single" / "ckpt-0000006.safetensors")
+    b = load_file(tmp_path / "ddp" / "ckpt-0000006.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not torch.equal(a["transformer.wte.weight"],
+                           load_file(tmp_path / "single" / "ckpt-0000000.safetensors")["transformer.wte.weight"])
+
+
+# ---- HellaSwag ----------------------------------------------------------------------------
+
+def test_ending_losses_match_scoring_each_ending_alone():
+    from ch04_pretraining.pretraining import ending_losses
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=12, n_layer=1, n_head=2, n_embd=16)).eval()
+    context, endings = [1, 2, 3, 4, 5, 6], [[7], [8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    totals, means = ending_losses(model, context, endings, "cpu")
+    for i, ending in enumerate(endings):
+        ids = torch.tensor([(context + ending)[-12:]])
+        with torch.no_grad():
+            logits = model(ids)[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[-len(ending):]
+        assert totals[i].item() == pytest.approx(loss.sum().item(), abs=1e-5)
+        assert means[i].item() == pytest.approx(loss.mean().item(), abs=1e-5)
+
+
+def test_hellaswag_on_the_sample():
+    from ch04_pretraining.pretraining import evaluate_hellaswag, hellaswag_rows
+
+    rows = hellaswag_rows(fetch("hellaswag-val-sample"))
+    assert len(rows) == 1000 and all(len(r["endings"]) == 4 for r in rows)
+    torch.manual_seed(0)
+    tokenizer = GPT2Tokenizer()
+    model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate_hellaswag(model, tokenizer, rows[:40], "cpu")
+    assert result["n"] == 40 and result["skipped"] == 0 and 0 <= result["acc_norm"] <= 1
+    chars = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+    model = GPTModel(GPTConfig(vocab_size=chars.n_vocab, context_length=512, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate_hellaswag(model, chars, rows[:40], "cpu")
+    assert result["n"] + result["skipped"] == 40 and result["skipped"] > 0
