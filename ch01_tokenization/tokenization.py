@@ -4,7 +4,6 @@
 import heapq
 import json
 import os
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable
@@ -15,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from shared.data import fetch
+from shared.files import atomic_write
 
 
 Pair = tuple[int, int]
@@ -318,14 +318,7 @@ class BPETokenizer:
             "tokens": [self.vocab[i].hex() for i in range(len(self.vocab))],
             "special_tokens": self.special_tokens,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data), encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPETokenizer":

@@ -4,7 +4,6 @@
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 
 from ch02_attention.attention import MultiHeadAttention
 from shared.data import DataFile, fetch, register
+from shared.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,9 @@ class GPTModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = state_dict_to_hf(self.state_dict())
-        _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         config = json.dumps(hf_config_dict(self.cfg), indent=2)
-        _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config))
+        atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config))
         return directory
 
 
@@ -329,17 +329,6 @@ def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in Hugging Face's layout (Conv1D weights transposed, tied head left out)."""
     return {name: (t.t() if name.endswith(_CONV1D_SUFFIXES) else t).contiguous()
             for name, t in state.items() if name != "lm_head.weight"}
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then rename the result to `path`; nothing is left on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def flops_per_token(cfg: GPTConfig, seq: int | None = None, n_params: int | None = None) -> int:

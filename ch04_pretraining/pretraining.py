@@ -5,7 +5,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,6 +21,7 @@ from torch import nn
 from ch03_gpt_model.gpt import GPTConfig, GPTModel, generate
 from shared.data import REGISTRY, fetch
 from shared.device import autocast, choose_precision, get_device
+from shared.files import atomic_write
 
 
 class CharTokenizer:
@@ -96,34 +96,34 @@ def tokenize_to_memmap(text_path: Path, out_path: Path, tokenizer: GPT2Tokenizer
                        chunk_bytes: int = 1 << 24, progress: bool = True) -> np.memmap:
     """Tokenize a large text file of documents separated by <|endoftext|> into a flat uint16 file.
 
-    Done once: an existing `out_path` is reused. Streams the text in chunks (cut at document
-    boundaries), writes to a temporary file and renames it, so an interrupted run leaves nothing behind.
+    Done once: an existing `out_path` is reused. Streams the text in chunks cut at document boundaries;
+    the ids go to a temporary file renamed at the end, so an interrupted run leaves nothing behind.
     """
-    from tqdm import tqdm
-
     out_path = Path(out_path)
     if not out_path.is_file():
-        separator = "<|endoftext|>"
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, open(text_path, encoding="utf-8") as src, \
-                    tqdm(total=Path(text_path).stat().st_size, unit="B", unit_scale=True,
-                         desc=f"tokenizing {Path(text_path).name}", disable=not progress) as bar:
-                pending = ""
-                while True:
-                    chunk = src.read(chunk_bytes)
-                    pending += chunk
-                    documents = pending.split(separator)
-                    pending = documents.pop() if chunk else ""
-                    for ids in tokenizer.encode_batch([d.strip() for d in documents if d.strip()]):
-                        np.asarray(ids + [tokenizer.eot], dtype=np.uint16).tofile(out)
-                    bar.update(len(chunk.encode("utf-8")))
-                    if not chunk:
-                        break
-            os.replace(tmp, out_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(out_path, lambda tmp: _write_token_ids(Path(text_path), tmp, tokenizer, chunk_bytes, progress))
     return np.memmap(out_path, dtype=np.uint16, mode="r")
+
+
+def _write_token_ids(text_path: Path, out_path: str, tokenizer: GPT2Tokenizer, chunk_bytes: int,
+                     progress: bool) -> None:
+    from tqdm import tqdm
+
+    separator = "<|endoftext|>"
+    with open(out_path, "wb") as out, open(text_path, encoding="utf-8") as src, \
+            tqdm(total=text_path.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {text_path.name}",
+                 disable=not progress) as bar:
+        pending = ""
+        while True:
+            chunk = src.read(chunk_bytes)
+            pending += chunk
+            documents = pending.split(separator)
+            pending = documents.pop() if chunk else ""
+            for ids in tokenizer.encode_batch([d.strip() for d in documents if d.strip()]):
+                np.asarray(ids + [tokenizer.eot], dtype=np.uint16).tofile(out)
+            bar.update(len(chunk.encode("utf-8")))
+            if not chunk:
+                break
 
 
 class BatchSampler:
@@ -227,16 +227,6 @@ class TrainConfig:
 CHECKPOINT_POINTER = "latest.json"
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int, cfg: TrainConfig,
                     sampler: BatchSampler, tokenizer_chars: str | None = None, keep: int = 2) -> Path:
     """Write weights (safetensors) and training state (optimizer, step, config, sampler and RNG state),
@@ -245,14 +235,14 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"ckpt-{step:07d}"
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    _atomic(out_dir / f"{tag}.safetensors", lambda tmp: save_file(weights, tmp))
+    atomic_write(out_dir / f"{tag}.safetensors", lambda tmp: save_file(weights, tmp))
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
              "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "tokenizer_chars": tokenizer_chars}
-    _atomic(out_dir / f"{tag}.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / f"{tag}.pt", lambda tmp: torch.save(state, tmp))
     pointer = json.dumps({"step": step, "weights": f"{tag}.safetensors", "state": f"{tag}.pt"})
-    _atomic(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))
+    atomic_write(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))
     for old in sorted(out_dir.glob("ckpt-*.safetensors"))[:-keep]:
         old.unlink()
         old.with_suffix(".pt").unlink(missing_ok=True)

@@ -18,13 +18,14 @@ import io
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shared.files import atomic_write
 
 CACHE_ENV = "LLM_DATA_DIR"
 MIRROR_ENV = "LLM_DATA_MIRROR"
@@ -213,10 +214,9 @@ def fetch(name: str, *, progress: bool = True) -> Path:
 def _download(entry: DataFile, url: str, dest: Path, *, progress: bool) -> Path:
     """Download `url` to a temporary file next to `dest`, verify it, rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write_verified(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             if entry.zip_member is None:
                 _copy_url(url, out, progress=progress, label=entry.filename)
             else:
@@ -224,13 +224,11 @@ def _download(entry: DataFile, url: str, dest: Path, *, progress: bool) -> Path:
                 _copy_url(url, buffer, progress=progress, label=entry.filename)
                 with zipfile.ZipFile(buffer) as archive, archive.open(entry.zip_member) as member:
                     shutil.copyfileobj(member, out)
-        problem = verify(entry, tmp)
+        problem = verify(entry, Path(tmp))
         if problem is not None:
             raise ValueError(f"downloaded file is corrupt: {problem}")
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    return atomic_write(dest, write_verified)
 
 
 def _copy_url(url: str, out, *, progress: bool, label: str) -> None:

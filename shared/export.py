@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from shared.files import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT_MARK = "#| export"
 
@@ -78,9 +80,7 @@ def export_all(root: Path = ROOT, check: bool = False) -> list[Path]:
             continue
         differing.append(module)
         if not check:
-            tmp = module.with_suffix(".py.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(module)
+            atomic_write(module, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return differing
 
 

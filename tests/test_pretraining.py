@@ -253,3 +253,21 @@ def test_hellaswag_on_the_sample():
     model = GPTModel(GPTConfig(vocab_size=chars.n_vocab, context_length=512, n_layer=1, n_head=2, n_embd=16))
     result = evaluate_hellaswag(model, chars, rows[:40], "cpu")
     assert result["n"] + result["skipped"] == 40 and result["skipped"] > 0
+
+
+def test_mixed_precision_branch_with_grad_scaler_runs_on_cpu(tmp_path, monkeypatch):
+    """The fp16-with-GradScaler path of a T4, exercised on the CPU with bf16 autocast and a CPU scaler."""
+    from ch04_pretraining import pretraining
+    from shared.device import Precision
+
+    chosen = []
+
+    def t4_like(device):
+        chosen.append(device)
+        return Precision(torch.bfloat16, use_grad_scaler=True)
+
+    monkeypatch.setattr(pretraining, "choose_precision", t4_like)
+    result = train(tiny_config(tmp_path, max_steps=8), log=lambda m: None)
+    rows = metrics(tmp_path)
+    assert chosen and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert math.isfinite(result["val_loss"])
