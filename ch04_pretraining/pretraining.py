@@ -367,6 +367,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
         log(f"resumed from step {step}")
     raw_model = model

@@ -3,6 +3,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,7 +210,11 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
     common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4"]
     single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
     assert single.wait(timeout=120) == 0, single.stderr.read()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as probe:                      # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}",
                 "-m", "ch04_pretraining", *common, "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")]
     ddp = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
