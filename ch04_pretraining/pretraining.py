@@ -401,21 +401,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 losses = estimate_loss(raw_model, {"train": train_tokens, "val": val_tokens}, cfg.eval_iters,
                                        cfg.batch_size, cfg.context_length, device, precision, seed=cfg.seed)
-                elapsed = time.time() - window_start
-                tokens_per_s = window_tokens / elapsed if window_tokens else tokens_per_s
+                tokens_per_s = window_tokens / (time.time() - window_start) if window_tokens else tokens_per_s
                 last = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                         "lr": lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps),
                         "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - start_time}
                 if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    log(f"step {step:5d}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-                        f"{tokens_per_s:,.0f} tokens/s")
-                    if cfg.sample_tokens:
-                        prompt = torch.tensor([[int(val_tokens[0])]], device=device)
-                        sample = generate(raw_model, prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
-                                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
-                        log("  sample: " + repr(tokenizer.decode(sample[0].tolist())))
+                    _report(last, metrics_path, raw_model, tokenizer, val_tokens, cfg, device, log)
                     save_checkpoint(out_dir, raw_model, optimizer, step, cfg, sampler, chars)
                 window_start, window_tokens = time.time(), 0
             over_budget = cfg.time_budget_min and time.time() - start_time > 60 * cfg.time_budget_min
@@ -425,37 +416,68 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
                         f"checkpoint saved: resume with --resume")
                     save_checkpoint(out_dir, raw_model, optimizer, step, cfg, sampler, chars)
                 break
-
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            starts = sampler.next_starts(global_batch)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                piece = (micro * world + rank) * cfg.batch_size
-                x, y = get_batch(train_tokens, starts[piece:piece + cfg.batch_size], cfg.context_length, device)
-                sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else model.no_sync()
-                with sync:
-                    with autocast(device, precision):
-                        loss = model(x, y) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
+            batches = _micro_batches(train_tokens, sampler.next_starts(global_batch), cfg, rank, world, device)
+            step_loss = _accumulate_gradients(model, batches, device, precision, scaler, ddp)
             if _agree(not torch.isfinite(step_loss).item(), ddp, device):
                 raise TrainingDiverged(f"the loss became {step_loss.item()} at step {step}: training stopped. "
                                        f"The last good checkpoint is in {out_dir}; lower --lr or raise "
                                        f"--warmup-steps, then --resume")
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            _apply_update(raw_model, optimizer, scaler, lr, cfg.grad_clip)
             step += 1
             window_tokens += tokens_per_step
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     return {**last, "model": raw_model, "tokenizer": tokenizer, "interrupted": stop["requested"]}
+
+
+def _micro_batches(tokens, starts: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> list:
+    """This process's `grad_accum` (inputs, targets) micro-batches of the step's global batch."""
+    batches = []
+    for micro in range(cfg.grad_accum):
+        piece = (micro * world + rank) * cfg.batch_size
+        batches.append(get_batch(tokens, starts[piece:piece + cfg.batch_size], cfg.context_length, device))
+    return batches
+
+
+def _accumulate_gradients(model, batches, device, precision, scaler, ddp: bool) -> torch.Tensor:
+    """Backward through every micro-batch, each loss divided by their number (DDP syncs gradients on the
+    last one only). Returns the step's mean loss, possibly non-finite, for the caller to check."""
+    step_loss = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        sync = nullcontext() if (not ddp or micro == len(batches) - 1) else model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                loss = model(x, y) / len(batches)
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def _apply_update(model, optimizer, scaler, lr: float, grad_clip: float) -> None:
+    """Set the learning rate, clip the (unscaled) gradient norm, step, and clear the gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _report(row: dict, metrics_path: Path, model, tokenizer, val_tokens, cfg: TrainConfig, device, log) -> None:
+    """Append one evaluation to metrics.jsonl, log it, and print a sample if asked for."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log(f"step {row['step']:5d}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
+        f"{row['tokens_per_s']:,.0f} tokens/s")
+    if cfg.sample_tokens:
+        prompt = torch.tensor([[int(val_tokens[0])]], device=device)
+        sample = generate(model, prompt, cfg.sample_tokens, temperature=0.8, top_k=40,
+                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        log("  sample: " + repr(tokenizer.decode(sample[0].tolist())))
 
 
 def _in_main_thread() -> bool:
