@@ -1,7 +1,7 @@
 """Writing files so that a crash never leaves a half-written one behind."""
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,14 +10,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(temporary_path)` for a temporary file beside `path`, then rename it to `path`.
 
     The rename is atomic: readers see the old file or the new one, never a partial one. If `write`
-    raises, the temporary file is removed and `path` is untouched.
+    raises, the temporary file is removed and `path` is untouched. `write` creates the temporary file
+    itself, so it gets the usual permissions (the umask's), not a private temporary file's.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
