@@ -27,6 +27,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    tie_embeddings: bool = True    # the output head reuses the token embedding (GPT-2 does)
+    init_std: float | None = None  # None: GPT-2's 0.02 at width 768, scaled as 1 / sqrt(n_embd)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -38,6 +40,13 @@ class GPTConfig:
                              f"each head gets n_embd / n_head dimensions")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"init_std must be positive (or None for the width-scaled default), got {self.init_std}")
+
+    @property
+    def weight_std(self) -> float:
+        """The standard deviation weights are initialised with: `init_std`, or 0.02 * sqrt(768 / n_embd)."""
+        return self.init_std if self.init_std is not None else 0.02 * math.sqrt(768 / self.n_embd)
 
 
 # The four sizes OpenAI released (Radford et al., 2019), as in their Hugging Face checkpoints.
@@ -85,7 +94,7 @@ class GPTModel(nn.Module):
 
     Parameter names are Hugging Face's (`transformer.h.0.attn.c_attn.weight`, ...), so OpenAI's
     checkpoints load by transposing their Conv1D weights and nothing else. The output layer shares its
-    weight with the token embedding (weight tying).
+    weight with the token embedding (weight tying) unless `cfg.tie_embeddings` is False.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -99,23 +108,24 @@ class GPTModel(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each residual branch's output projection gets std 0.02 / sqrt(2 * n_layer),
-        # so the residual stream's variance does not grow with depth.
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self._init_weights(cfg.weight_std, cfg.n_layer)
+
+    def _init_weights(self, std: float, n_layer: int) -> None:
+        """Weights from N(0, std^2), biases 0; each residual branch's output projection (c_proj) gets
+        std / sqrt(2 * n_layer), so the residual stream's variance does not grow with depth (GPT-2)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
-        """Parameters, the tied embedding counted once (optionally without the position table)."""
+        """Parameters, a tied embedding counted once (optionally without the position table)."""
         total = sum(p.numel() for p in self.parameters())
         return total - (self.transformer.wpe.weight.numel() if exclude_positions else 0)
 
@@ -143,7 +153,7 @@ class GPTModel(nn.Module):
         safetensors file itself, or a preset name ("gpt2", ...) to fetch from huggingface.co."""
         weights, cfg = resolve_hf_checkpoint(path, cfg)
         model = cls(cfg)
-        model.load_state_dict(state_dict_from_hf(load_file(weights), model.state_dict()))
+        model.load_state_dict(state_dict_from_hf(load_file(weights), model.state_dict(), cfg.tie_embeddings))
         return model
 
     def save_pretrained_hf(self, directory: str | os.PathLike) -> Path:
@@ -152,7 +162,7 @@ class GPTModel(nn.Module):
             raise ValueError("Hugging Face's GPT-2 always has biases; a model with bias=False cannot be exported")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = state_dict_to_hf(self.state_dict())
+        tensors = state_dict_to_hf(self.state_dict(), self.cfg.tie_embeddings)
         atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         config = json.dumps(hf_config_dict(self.cfg), indent=2)
         atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config))
@@ -289,7 +299,8 @@ def resolve_hf_checkpoint(path: str | os.PathLike, cfg: GPTConfig | None) -> tup
 def config_from_hf(hf: dict) -> GPTConfig:
     """A GPTConfig from the fields of a Hugging Face GPT2Config (config.json)."""
     return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True,
+                     tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def hf_config_dict(cfg: GPTConfig) -> dict:
@@ -298,22 +309,24 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
             "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": None, "activation_function": "gelu_new",
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True,
+            "layer_norm_epsilon": 1e-5, "initializer_range": cfg.weight_std, "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,
             "eos_token_id": 50256 if cfg.vocab_size > 50256 else None}
 
 
-def state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
-                       ) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                       tied: bool = True) -> dict[str, torch.Tensor]:
     """Rename-free conversion of a Hugging Face GPT-2 state dict to ours: add the `transformer.`
-    prefix where missing, transpose Conv1D weights, tie the head. Checks every name and shape."""
+    prefix where missing, transpose Conv1D weights, tie the head (if `tied`; an untied model needs
+    the file's `lm_head.weight`). Checks every name and shape."""
     ours = {}
     for name, tensor in hf_tensors.items():
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
         ours[name] = tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor
-    ours.setdefault("lm_head.weight", ours.get("transformer.wte.weight"))
+    if tied and "transformer.wte.weight" in ours:
+        ours["lm_head.weight"] = ours["transformer.wte.weight"]
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
@@ -325,16 +338,16 @@ def state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], expected: dict[str, 
     return ours
 
 
-def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict in Hugging Face's layout (Conv1D weights transposed, tied head left out)."""
+def state_dict_to_hf(state: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict in Hugging Face's layout (Conv1D weights transposed; a tied head left out)."""
     return {name: (t.t() if name.endswith(_CONV1D_SUFFIXES) else t).contiguous()
-            for name, t in state.items() if name != "lm_head.weight"}
+            for name, t in state.items() if not (tied and name == "lm_head.weight")}
 
 
 def flops_per_token(cfg: GPTConfig, seq: int | None = None, n_params: int | None = None) -> int:
     """Training FLOPs per token (forward + backward): 6 N for the weights plus 12 * n_layer * n_embd * seq
     for the attention scores and their use (Kaplan et al., 2020; PaLM, Chowdhery et al., 2022, app. B).
-    N excludes the embeddings' lookups but includes the output head (tied with the token embedding)."""
+    N excludes the embeddings' lookups but includes the output head."""
     seq = cfg.context_length if seq is None else seq
     if n_params is None:
         n_params = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd

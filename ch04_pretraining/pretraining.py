@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +193,8 @@ class TrainConfig:
     context_length: int = 64
     dropout: float = 0.0
     bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.0           # 0: chapter 3's default, GPT-2's 0.02 scaled to the width
     batch_size: int = 12            # sequences per micro-batch, per process
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 2000
@@ -209,7 +211,7 @@ class TrainConfig:
     out_dir: str = "runs/shakespeare-char"
     device: str = "auto"
     compile: bool = False
-    time_budget_min: float = 0.0   # stop (with a checkpoint) after this many minutes; 0: no limit
+    time_budget_min: float = 0.0   # fit the schedule into this many minutes, and stop by then; 0: no limit
     sample_tokens: int = 0          # print a sample of this many tokens at each evaluation
 
     def __post_init__(self):
@@ -221,7 +223,8 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
+                         tie_embeddings=self.tie_embeddings, init_std=self.init_std or None)
 
 
 CHECKPOINT_POINTER = "latest.json"
@@ -234,7 +237,9 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"ckpt-{step:07d}"
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = model.cfg.tie_embeddings                     # a tied head is the embedding: saved once
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     atomic_write(out_dir / f"{tag}.safetensors", lambda tmp: save_file(weights, tmp))
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
              "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -250,7 +255,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
 
 
 # The fields that must match for a checkpoint to be resumed with a new config.
-_SHAPE_FIELDS = ("tokenizer", "n_layer", "n_head", "n_embd", "context_length", "bias", "data")
+_SHAPE_FIELDS = ("tokenizer", "n_layer", "n_head", "n_embd", "context_length", "bias", "tie_embeddings", "data")
 
 
 def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tuple[dict, dict]:
@@ -265,12 +270,19 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tupl
     weights = load_file(out_dir / files["weights"])
     state = torch.load(out_dir / files["state"], weights_only=True)
     if cfg is not None:
-        saved = state["config"]
+        saved = {**asdict(TrainConfig()), **state["config"]}      # fields added since: their defaults
         different = [f"{name}: checkpoint {saved[name]!r}, now {getattr(cfg, name)!r}"
                      for name in _SHAPE_FIELDS if saved.get(name) != getattr(cfg, name)]
         if different:
             raise ValueError("the checkpoint was trained with another config: " + "; ".join(different))
     return weights, state
+
+
+def load_weights(model: GPTModel, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's weights, every tensor required; a tied head comes from the token embedding."""
+    if model.cfg.tie_embeddings:
+        weights = {**weights, "lm_head.weight": weights["transformer.wte.weight"]}
+    model.load_state_dict(weights)
 
 
 @torch.no_grad()
@@ -303,6 +315,19 @@ def measure_peak_flops(device, dtype=torch.float32, size: int = 1024, repeats: i
         c = a @ b
     c.sum().item()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+FIT_STEPS = (10, 40)   # a run with a time budget times these steps to fit its schedule
+
+
+def steps_within_budget(step: int, seconds_per_step: float, seconds_left: float, eval_seconds: float,
+                        eval_interval: int, max_steps: int, margin: float = 0.95) -> int:
+    """How many steps a run now at `step` can reach (at most `max_steps`, at least `step + 1`) within
+    `margin` of `seconds_left`, counting an evaluation of `eval_seconds` every `eval_interval` steps and
+    the final one."""
+    per_step = seconds_per_step + eval_seconds / eval_interval
+    affordable = int((margin * seconds_left - eval_seconds) / per_step)
+    return max(step + 1, min(max_steps, step + affordable))
 
 
 class TrainingDiverged(RuntimeError):
@@ -363,7 +388,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     step = 0
     if resume:
         weights, state = load_checkpoint(out_dir, cfg)
-        model.load_state_dict(weights, strict=False)        # the tied head comes with the embedding
+        load_weights(model, weights)
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -371,6 +396,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
         log(f"resumed from step {step}")
+        if cfg.time_budget_min and state["config"]["max_steps"] < cfg.max_steps:   # keep a budget-fitted schedule
+            cfg = replace(cfg, max_steps=state["config"]["max_steps"])
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -395,10 +422,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     if main and hasattr(signal, "SIGINT") and _in_main_thread():
         previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
     start_time, window_start, window_tokens, tokens_per_s = time.time(), time.time(), 0, 0.0
+    eval_seconds = eval_total = 0.0
+    fit_clock = None                   # (time, evaluation seconds so far) when step FIT_STEPS[0] began
     last = {}
     try:
         while True:
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                eval_start = time.time()
                 losses = estimate_loss(raw_model, {"train": train_tokens, "val": val_tokens}, cfg.eval_iters,
                                        cfg.batch_size, cfg.context_length, device, precision, seed=cfg.seed)
                 tokens_per_s = window_tokens / (time.time() - window_start) if window_tokens else tokens_per_s
@@ -409,6 +439,14 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
                     _report(last, metrics_path, raw_model, tokenizer, val_tokens, cfg, device, log)
                     save_checkpoint(out_dir, raw_model, optimizer, step, cfg, sampler, chars)
                 window_start, window_tokens = time.time(), 0
+                eval_seconds = time.time() - eval_start
+                eval_total += eval_seconds
+            if cfg.time_budget_min and step == FIT_STEPS[0]:
+                fit_clock = (time.time(), eval_total)
+            if cfg.time_budget_min and step == FIT_STEPS[1] and fit_clock:
+                seconds_per_step = (time.time() - fit_clock[0] - (eval_total - fit_clock[1])) / (step - FIT_STEPS[0])
+                elapsed = time.time() - start_time
+                cfg = _fit_to_budget(cfg, step, seconds_per_step, elapsed, eval_seconds, ddp, device, log)
             over_budget = cfg.time_budget_min and time.time() - start_time > 60 * cfg.time_budget_min
             if step >= cfg.max_steps or _agree(stop["requested"] or over_budget, ddp, device):
                 if step < cfg.max_steps and main:
@@ -431,6 +469,18 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             signal.signal(signal.SIGINT, previous_handler)
     return {**last, "model": raw_model, "tokenizer": tokenizer, "interrupted": stop["requested"]}
 
+
+def _fit_to_budget(cfg: TrainConfig, step: int, seconds_per_step: float, elapsed: float, eval_seconds: float,
+                   ddp: bool, device, log) -> TrainConfig:
+    """`cfg` with `max_steps` shortened to what the rest of the time budget allows (the same on every process)."""
+    fitted = steps_within_budget(step, seconds_per_step, 60 * cfg.time_budget_min - elapsed, eval_seconds,
+                                 cfg.eval_interval, cfg.max_steps)
+    fitted = int(_reduce(fitted, dist.ReduceOp.MIN, ddp, device))
+    if fitted >= cfg.max_steps:
+        return cfg
+    log(f"{seconds_per_step:.3f} s per step: the schedule is fitted to the time budget, "
+        f"{fitted} steps instead of {cfg.max_steps}")
+    return replace(cfg, max_steps=fitted)
 
 def _micro_batches(tokens, starts: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> list:
     """This process's `grad_accum` (inputs, targets) micro-batches of the step's global batch."""
@@ -486,13 +536,18 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _reduce(value: float, op, ddp: bool, device) -> float:
+    """`value` combined over all processes with `op` (a `dist.ReduceOp`); itself without DDP."""
+    if not ddp:
+        return value
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
 def _agree(flag: bool, ddp: bool, device) -> bool:
     """True if `flag` is true on any process (so all processes stop together)."""
-    if not ddp:
-        return bool(flag)
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(_reduce(float(flag), dist.ReduceOp.MAX, ddp, device))
 
 
 def fit_micro_batch(model_cfg: GPTConfig, memory_bytes: float, global_batch: int, bytes_per_activation: int = 2,

@@ -76,18 +76,35 @@ def test_too_long_input_is_a_clear_error():
 def test_initial_loss_is_near_ln_vocab():
     cfg = GPTConfig(vocab_size=1000, context_length=32, n_layer=2, n_head=4, n_embd=64)
     model = tiny_model(cfg=cfg)
-    x, y = torch.randint(0, 1000, (4, 32)), torch.randint(0, 1000, (4, 32))
-    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    assert abs(loss.item() - math.log(1000)) < 0.2
+    x, y = torch.randint(0, 1000, (16, 32)), torch.randint(0, 1000, (16, 32))
+    with torch.no_grad():
+        logits = model(x)
+    spread = logits.std().item()          # sigma * sqrt(width): 0.02 * sqrt(768) for every default width
+    assert spread == pytest.approx(0.02 * math.sqrt(768), rel=0.1)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert loss == pytest.approx(math.log(1000) + spread**2 / 2, abs=0.08)
 
 
 def test_residual_projections_get_scaled_init():
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=101, context_length=32, n_layer=8, n_head=4, n_embd=256))
+    model = GPTModel(GPTConfig(vocab_size=101, context_length=32, n_layer=8, n_head=4, n_embd=256, init_std=0.03))
     proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
     fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
-    assert fc == pytest.approx(0.02, rel=0.05)
-    assert proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert fc == pytest.approx(0.03, rel=0.05)
+    assert proj == pytest.approx(0.03 / math.sqrt(16), rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.03, rel=0.05)
+
+
+def test_default_init_is_gpt2s_scaled_to_the_width():
+    assert GPT_CONFIGS["gpt2"].weight_std == 0.02
+    assert GPTConfig(n_embd=128, n_head=4).weight_std == pytest.approx(0.02 * math.sqrt(6))
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=192))
+    assert model.transformer.h[1].attn.c_attn.weight.std().item() == pytest.approx(0.04, rel=0.05)
+    # the output scale sigma * sqrt(width) is the same as GPT-2 small's 0.02 * sqrt(768)
+    assert model.cfg.weight_std * math.sqrt(192) == pytest.approx(0.02 * math.sqrt(768))
+    with pytest.raises(ValueError, match="init_std must be positive"):
+        GPTConfig(init_std=0.0)
 
 
 def test_state_dict_uses_hugging_face_names():
@@ -116,6 +133,41 @@ def test_exports_a_checkpoint_transformers_loads(tmp_path):
     with torch.no_grad():
         assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
     assert json.loads((tmp_path / "config.json").read_text())["n_layer"] == 2
+
+
+def test_untied_head_is_its_own_matrix():
+    tied, untied = tiny_model(), tiny_model(cfg=GPTConfig(**{**TINY.__dict__, "tie_embeddings": False}))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_parameters() == tied.num_parameters() + 101 * 64
+    loss = untied(torch.randint(0, 101, (2, 8)), torch.randint(0, 101, (2, 8)))
+    loss.backward()
+    assert untied.lm_head.weight.grad is not None and untied.transformer.wte.weight.grad is not None
+    assert not torch.equal(untied.lm_head.weight.grad, untied.transformer.wte.weight.grad)
+
+
+def test_untied_checkpoints_round_trip_with_transformers(tmp_path):
+    torch.manual_seed(1)
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_layer=2, n_head=4, n_embd=64,
+                                        tie_word_embeddings=False)).eval()
+    assert not torch.equal(theirs.lm_head.weight, theirs.transformer.wte.weight)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = GPTModel.from_pretrained_hf(tmp_path / "theirs").eval()
+    assert ours.cfg.tie_embeddings is False
+    x = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
+    ours.save_pretrained_hf(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(x).logits - theirs(x).logits).abs().max() < 1e-4
+
+
+def test_untied_model_refuses_a_tied_checkpoint(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    untied = GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False)
+    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
+        GPTModel.from_pretrained_hf(tmp_path, cfg=untied)
 
 
 def test_round_trip_through_our_own_files(tmp_path):
