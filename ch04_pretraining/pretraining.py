@@ -368,13 +368,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     """
     rank, local_rank, world = distributed_context()
     ddp = world > 1
-    device = get_device(cfg.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = _join_processes(get_device(cfg.device), local_rank) if ddp else get_device(cfg.device)
     main = rank == 0
     log = log if main else (lambda message: None)
     precision = choose_precision(device)
@@ -387,17 +381,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     sampler = BatchSampler(train_tokens, cfg.context_length, cfg.seed)
     step = 0
     if resume:
-        weights, state = load_checkpoint(out_dir, cfg)
-        load_weights(model, weights)
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        step = state["step"]
+        step, cfg = _restore(out_dir, cfg, model, optimizer, sampler)
         log(f"resumed from step {step}")
-        if cfg.time_budget_min and state["config"]["max_steps"] < cfg.max_steps:   # keep a budget-fitted schedule
-            cfg = replace(cfg, max_steps=state["config"]["max_steps"])
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -468,6 +453,31 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     return {**last, "model": raw_model, "tokenizer": tokenizer, "interrupted": stop["requested"]}
+
+
+def _join_processes(device: torch.device, local_rank: int) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo otherwise); each process gets its own GPU."""
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _restore(out_dir: Path, cfg: TrainConfig, model, optimizer, sampler) -> tuple[int, TrainConfig]:
+    """Load the latest checkpoint into model, optimizer, sampler and the RNGs: (its step, the config to
+    continue with, which keeps a schedule that was fitted to a time budget)."""
+    weights, state = load_checkpoint(out_dir, cfg)
+    load_weights(model, weights)
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if cfg.time_budget_min and state["config"]["max_steps"] < cfg.max_steps:
+        cfg = replace(cfg, max_steps=state["config"]["max_steps"])
+    return state["step"], cfg
 
 
 def _fit_to_budget(cfg: TrainConfig, step: int, seconds_per_step: float, elapsed: float, eval_seconds: float,
