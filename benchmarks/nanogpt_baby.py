@@ -13,7 +13,6 @@ window), which has no sampling noise.
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ch03_gpt_model.gpt import GPTModel
-from ch04_pretraining.pretraining import TrainConfig, load_checkpoint, load_data, load_weights
+from ch04_pretraining.pretraining import TrainConfig, load_checkpoint, load_data, load_weights, read_metrics
 
 FLAGS = ["--data", "tinyshakespeare", "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
          "--context-length", "64", "--batch-size", "12", "--max-steps", "2000", "--lr", "1e-3", "--min-lr", "1e-4",
@@ -53,7 +52,7 @@ def run(extra: list[str], seed: int) -> dict:
         subprocess.run([sys.executable, "-m", "ch04_pretraining", *FLAGS, *extra, "--seed", str(seed),
                         "--out-dir", out_dir], check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out_dir)
         return {"wall": wall, "tokens_per_s": 2000 * 12 * 64 / wall, "val20": rows[-1]["val_loss"],
                 "full": full_validation_loss(Path(out_dir))}
 

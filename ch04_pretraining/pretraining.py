@@ -359,6 +359,14 @@ def load_data(cfg: TrainConfig):
     return tokenizer, train_tokens, val_tokens
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The evaluations a run wrote to OUT_DIR/metrics.jsonl, oldest first."""
+    return [json.loads(line) for line in (Path(out_dir) / METRICS_FILE).read_text().splitlines()]
+
+
 def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print, data=None) -> dict:
     """Train a GPTModel as `cfg` says; returns the last evaluation and the model.
 
@@ -390,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS_FILE
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.is_file() and resume else [])

@@ -27,6 +27,7 @@ from ch04_pretraining.pretraining import (
     get_batch,
     load_checkpoint,
     lr_at,
+    read_metrics,
     scale_preset,
     steps_within_budget,
     tokenize_to_memmap,
@@ -42,10 +43,6 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
     return TrainConfig(**{**TINY, "out_dir": str(out_dir), **kw})
-
-
-def metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_cli(*args, env_extra=None, **popen):
@@ -140,9 +137,9 @@ def test_cli_flags_override_the_preset():
 
 # ---- training -----------------------------------------------------------------------------
 
-def test_training_learns_and_writes_metrics(tmp_path):
+def test_training_learns_and_writes_read_metrics(tmp_path):
     result = train(tiny_config(tmp_path, max_steps=40, eval_interval=20), log=lambda m: None)
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 20, 40]
     assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s"}
     assert rows[0]["train_loss"] == pytest.approx(math.log(65), abs=0.3)
@@ -159,7 +156,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tie_embeddings):
     (resumed / "latest.json").write_text(json.dumps(
         {"step": 8, "weights": "ckpt-0000008.safetensors", "state": "ckpt-0000008.pt"}))
     train(tiny_config(resumed, tie_embeddings=tie_embeddings), resume=True, log=lambda m: None)
-    for a, b in zip(metrics(full), metrics(resumed), strict=True):
+    for a, b in zip(read_metrics(full), read_metrics(resumed), strict=True):
         assert (a["step"], a["train_loss"], a["val_loss"]) == (b["step"], b["train_loss"], b["val_loss"])
     final_full = load_file(full / "ckpt-0000012.safetensors")
     final_resumed = load_file(resumed / "ckpt-0000012.safetensors")
@@ -211,7 +208,7 @@ def test_time_budget_shortens_the_schedule_and_resume_keeps_it(tmp_path, monkeyp
     assert time.time() - start < 3 * 60 * cfg.time_budget_min + 5
     fitted = load_checkpoint(tmp_path)[1]["config"]["max_steps"]
     assert 40 < fitted < 1_000_000 and any("fitted to the time budget" in line for line in lines)
-    last = metrics(tmp_path)[-1]
+    last = read_metrics(tmp_path)[-1]
     assert result["step"] == last["step"] == fitted and last["lr"] == cfg.min_lr     # annealed, not cut off
     again = train(cfg, resume=True, log=lambda m: None)
     assert again["step"] == fitted
@@ -238,7 +235,7 @@ def test_ctrl_c_saves_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     assert "checkpoint saved" in out
     resumed = run_cli(*args, "--out-dir", str(tmp_path / "b"), "--resume")
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
-    assert metrics(tmp_path / "a")[-1]["val_loss"] == metrics(tmp_path / "b")[-1]["val_loss"]
+    assert read_metrics(tmp_path / "a")[-1]["val_loss"] == read_metrics(tmp_path / "b")[-1]["val_loss"]
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
@@ -323,6 +320,6 @@ def test_mixed_precision_branch_with_grad_scaler_runs_on_cpu(tmp_path, monkeypat
 
     monkeypatch.setattr(pretraining, "choose_precision", t4_like)
     result = train(tiny_config(tmp_path, max_steps=8), log=lambda m: None)
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert chosen and rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert math.isfinite(result["val_loss"])
