@@ -17,6 +17,8 @@ from shared.data import fetch
 from shared.files import atomic_write
 
 
+# ---- Byte-pair encoding by hand --------------------------------------------------------------------------
+
 Pair = tuple[int, int]
 
 
@@ -39,6 +41,8 @@ def best_pair(counts: dict[Pair, int]) -> Pair:
     return max(counts, key=lambda pair: (counts[pair], -pair[0], -pair[1]))
 
 
+# ---- Split first: GPT-2's pre-tokenizer ------------------------------------------------------------------
+
 # GPT-2's pre-tokenizer (Radford et al. 2019, as used by tiktoken's "gpt2" encoding): English
 # contractions, runs of letters, runs of digits and runs of other symbols, each with at most one
 # leading space, and whitespace. BPE never merges across the boundaries this pattern draws.
@@ -49,6 +53,8 @@ def split_into_chunks(text: str, pattern: str = GPT2_SPLIT_PATTERN) -> list[str]
     """Cut `text` into the pieces BPE works inside; joined, they give back `text`."""
     return regex.findall(pattern, text)
 
+
+# ---- Training fast ---------------------------------------------------------------------------------------
 
 class _Vocabulary:
     """Token bytes by id, growing as merges are learned; a merge whose bytes already exist reuses
@@ -136,6 +142,8 @@ def learn_merges(chunk_counts: dict[bytes, int], num_tokens: int) -> list[tuple[
     return merges
 
 
+# ---- How GPT-2 writes its vocabulary down ----------------------------------------------------------------
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for every byte: printable Latin-1 bytes stand for themselves,
     the other 68 (control characters, space, ...) are shifted to code points 256 and up.
@@ -149,6 +157,8 @@ def bytes_to_unicode() -> dict[int, str]:
             shifted += 1
     return mapping
 
+
+# ---- The tokenizer ---------------------------------------------------------------------------------------
 
 FILE_FORMAT = "llm-from-scratch-bpe"
 FILE_VERSION = 1
@@ -358,6 +368,8 @@ class BPETokenizer:
             tokenizer.merges.append(((ranks[left], ranks[right]), 256 + k))
         return tokenizer
 
+
+# ---- From token ids to training examples -----------------------------------------------------------------
 
 class GPTDataset(Dataset):
     """Next-token training pairs cut from one long sequence of token ids by a sliding window.

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# ---- Multi-head attention --------------------------------------------------------------------------------
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention, GPT-2 style: `(batch, seq, d_in)` -> `(batch, seq, d_out)`.
 

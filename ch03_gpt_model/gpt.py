@@ -16,6 +16,8 @@ from shared.data import DataFile, fetch, register
 from shared.files import atomic_write
 
 
+# ---- The feed-forward block, and the block ---------------------------------------------------------------
+
 @dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT-2 model. Checked on construction."""
@@ -88,6 +90,8 @@ class Block(nn.Module):
         x = x + self.resid_dropout(self.attn(self.ln_1(x)))
         return x + self.mlp(self.ln_2(x))
 
+
+# ---- The model -------------------------------------------------------------------------------------------
 
 class GPTModel(nn.Module):
     """GPT-2: token ids `(batch, seq)` -> next-token logits `(batch, seq, vocab_size)`.
@@ -214,6 +218,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
+# ---- Generating text -------------------------------------------------------------------------------------
+
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -266,6 +272,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     probabilities = torch.softmax(logits, dim=-1)
     return torch.multinomial(probabilities, num_samples=1, generator=generator)[:, 0]
 
+
+# ---- Interoperability with Hugging Face ------------------------------------------------------------------
 
 # Hugging Face's GPT2 stores these as Conv1D weights of shape (in, out): transpose for nn.Linear.
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -343,6 +351,8 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], tied: bool = True) -> dict[
     return {name: (t.t() if name.endswith(_CONV1D_SUFFIXES) else t).contiguous()
             for name, t in state.items() if not (tied and name == "lm_head.weight")}
 
+
+# ---- The arithmetic of a transformer ---------------------------------------------------------------------
 
 def flops_per_token(cfg: GPTConfig, seq: int | None = None, n_params: int | None = None) -> int:
     """Training FLOPs per token (forward + backward): 6 N for the weights plus 12 * n_layer * n_embd * seq

@@ -24,6 +24,8 @@ from shared.device import autocast, choose_precision, get_device
 from shared.files import atomic_write
 
 
+# ---- Data ------------------------------------------------------------------------------------------------
+
 class CharTokenizer:
     """One token per character: the vocabulary is the sorted set of characters of a text."""
 
@@ -126,6 +128,8 @@ def _write_token_ids(text_path: Path, out_path: str, tokenizer: GPT2Tokenizer, c
                 break
 
 
+# ---- Batches, and a first training loop ------------------------------------------------------------------
+
 class BatchSampler:
     """Random training windows, reproducible and resumable.
 
@@ -161,6 +165,8 @@ def get_batch(tokens, starts: torch.Tensor, context_length: int, device) -> tupl
     return x.to(device), y.to(device)
 
 
+# ---- The ingredients of a good loop ----------------------------------------------------------------------
+
 def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warm-up from 0 to `max_lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
     if step < warmup_steps:
@@ -180,6 +186,8 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
+
+# ---- The training loop -----------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
@@ -608,6 +616,8 @@ def scale_preset(scale: str, gpu_memory_bytes: float | None = None) -> TrainConf
                            eval_iters=20, time_budget_min=60, sample_tokens=64, out_dir="runs/gpt2-tinystories")
     raise ValueError(f"unknown scale {scale!r}; use smoke, cpu or gpu")
 
+
+# ---- HellaSwag -------------------------------------------------------------------------------------------
 
 def hellaswag_rows(path: str | Path) -> list[dict]:
     """HellaSwag rows (one JSON object per line: ctx, endings, label)."""

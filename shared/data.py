@@ -2,9 +2,10 @@
 
 `fetch(name)` returns a local path to a registered file. It looks, in order:
 
-1. in the cache, `LLM_DATA_DIR` (default: ``~/.cache/llm-from-scratch``);
-2. in the mirror folders named by `LLM_DATA_MIRROR` (separated by ``os.pathsep``), read-only;
-3. at the file's URLs, primary first, then the backups, with a progress bar.
+1. inside this repository, for the few small fixtures that ship with it (`shared/fixtures/`);
+2. in the cache, `LLM_DATA_DIR` (default: ``~/.cache/llm-from-scratch``);
+3. in the mirror folders named by `LLM_DATA_MIRROR` (separated by ``os.pathsep``), read-only;
+4. at the file's URLs, primary first, then the backups, with a progress bar.
 
 Every copy is checked against its sha256 (or, for files too large to pin, a minimum size) before it is
 used. A download is written to a temporary file beside the cache and renamed into place only once it
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from shared.files import atomic_write
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "LLM_DATA_DIR"
 MIRROR_ENV = "LLM_DATA_MIRROR"
 DEFAULT_CACHE = Path("~/.cache/llm-from-scratch")
@@ -43,7 +45,8 @@ class DataFile:
 
     `sha256` is None only for files too large to pin; those are checked by `min_bytes`.
     `zip_member` names the file inside a zip archive when the URLs serve an archive.
-    An entry with no URLs is a fixture that lives only in the offline mirror.
+    `bundled` is the path, relative to the repository, of a small fixture that ships with the
+    companion; every entry has download URLs, a bundled copy, or both.
     """
 
     name: str
@@ -52,6 +55,7 @@ class DataFile:
     sha256: str | None
     min_bytes: int = 1
     zip_member: str | None = None
+    bundled: str | None = None
     description: str = field(default="", compare=False)
 
 
@@ -62,6 +66,8 @@ def register(entry: DataFile) -> DataFile:
     """Add `entry` to the registry (replacing one of the same name) and return it."""
     if entry.sha256 is None and entry.min_bytes <= 1:
         raise ValueError(f"{entry.name}: an unpinned file (sha256=None) needs a min_bytes size check")
+    if not entry.urls and entry.bundled is None:
+        raise ValueError(f"{entry.name}: a data file needs download URLs or a bundled copy in the repository")
     REGISTRY[entry.name] = entry
     return entry
 
@@ -119,7 +125,8 @@ for _entry in [
     DataFile(
         "tinystories-sample", "tinystories_sample.txt", (),
         "defaedb58bf28079f3e29c6142cb7f3568d331a577e0911c5d7925c465c50c43",
-        description="5 TinyStories stories: the format of the full files (mirror-only fixture)",
+        bundled="shared/fixtures/tinystories_sample.txt",
+        description="5 TinyStories V2 stories: the format of the full files; CDLA-Sharing-1.0",
     ),
     DataFile(
         "hellaswag-val", "hellaswag_val.jsonl",
@@ -130,7 +137,8 @@ for _entry in [
     DataFile(
         "hellaswag-val-sample", "hellaswag_val_sample.jsonl", (),
         "79b87117cffba9878961284f233797c5ebeba4193cb48a93eabc4a5a1156cc45",
-        description="1,000 real HellaSwag validation rows (mirror-only)",
+        bundled="shared/fixtures/hellaswag_val_sample.jsonl",
+        description="1,000 real HellaSwag validation rows, a random subset; MIT",
     ),
 ]:
     register(_entry)
@@ -179,6 +187,14 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         raise KeyError(f"no data file named {name!r}; registered: {', '.join(sorted(REGISTRY))}")
     entry = REGISTRY[name]
 
+    if entry.bundled is not None:
+        bundled = REPO_ROOT / entry.bundled
+        problem = verify(entry, bundled) if bundled.is_file() else f"{bundled} is missing"
+        if problem is None:
+            return bundled
+        warnings.warn(f"the copy that ships with the repository is unusable ({problem}); "
+                      f"looking elsewhere for {name}", stacklevel=2)
+
     cached = cache_dir() / entry.filename
     if cached.is_file():
         problem = verify(entry, cached)
@@ -202,7 +218,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as err:
             failures.append(f"  {url}: {err}")
 
-    tried = "\n".join(failures) if failures else "  (this file has no download URL: it ships in the mirror)"
+    tried = "\n".join(failures) if failures else "  (this file has no download URL: it ships with the repository)"
     raise DataUnavailableError(
         f"could not get data file {name!r} ({entry.filename}).\n"
         f"Tried to download from:\n{tried}\n"

@@ -4,14 +4,17 @@
     python -m shared.export --check    # exit 1 if any module differs from its notebook
 
 The notebook is the source. A code cell whose first line is ``#| export`` is copied, in order and
-without that line, into the chapter's module under a header that says so. Modules are never edited
-by hand: edit the notebook, then export.
+without that line, into the chapter's module under a header that says so. The module's docstring is
+the one its first export cell opens with; where a notebook section (a ``## `` heading) starts a new
+group of export cells, the module gets a banner with that section's title, so the file reads in the
+notebook's order. Modules are never edited by hand: edit the notebook, then export.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,17 +34,51 @@ CHAPTER_MODULES = {
 }
 
 
+class ExportError(ValueError):
+    """A notebook or a root the exporter cannot use as it stands."""
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _is_mark(first_line: str, notebook: Path, index: int) -> bool:
+    """True for the export mark; an error for a near miss such as ``#|export`` or ``# | Export``, which
+    would otherwise leave the cell out of the module without a word."""
+    if first_line.strip() == EXPORT_MARK:
+        return True
+    if re.sub(r"\s+", "", first_line).lower() in ("#|export", "#export"):
+        raise ExportError(f"{notebook}: cell {index} starts with {first_line.strip()!r}; the export mark is "
+                          f"exactly {EXPORT_MARK!r}")
+    return False
+
+
+def _section_title(markdown: str) -> str | None:
+    """The title of the last ``## `` heading in a markdown cell, without its number."""
+    titles = [line[3:].strip() for line in markdown.splitlines() if line.startswith("## ")]
+    return re.sub(r"^\d+(\.\d+)*\.?\s+", "", titles[-1]) if titles else None
+
+
 def exported_cells(notebook: Path) -> list[str]:
-    """The sources of `notebook`'s export cells, with the mark line removed."""
+    """The sources of `notebook`'s export cells, with the mark line removed and a section banner put in
+    front of the first export cell of each later section."""
     nb = json.loads(notebook.read_text(encoding="utf-8"))
-    cells = []
-    for cell in nb["cells"]:
+    cells, section, previous = [], None, None     # previous: the section of the last export cell
+    for index, cell in enumerate(nb["cells"]):
+        source = _source(cell)
+        if cell["cell_type"] == "markdown":
+            section = _section_title(source) or section
+            continue
         if cell["cell_type"] != "code":
             continue
-        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         first, _, rest = source.partition("\n")
-        if first.strip() == EXPORT_MARK:
-            cells.append(rest.strip("\n"))
+        if not _is_mark(first, notebook, index):
+            continue
+        body = rest.strip("\n")
+        if cells and section and section != previous:
+            body = f"# ---- {section} " + "-" * max(4, 100 - len(section)) + "\n\n" + body
+        previous = section
+        cells.append(body)
     return cells
 
 
@@ -59,12 +96,16 @@ def render_module(notebook: Path, root: Path = ROOT) -> str | None:
 
 
 def chapter_targets(root: Path = ROOT) -> list[tuple[Path, Path]]:
-    """(notebook, module) pairs for every chapter whose notebook exists."""
+    """(notebook, module) pairs for every chapter whose notebook exists under `root`."""
+    if not root.is_dir():
+        raise ExportError(f"root {root} is not a folder; give the companion's checkout")
     pairs = []
     for folder, module in CHAPTER_MODULES.items():
         notebook = root / folder / f"{folder}.ipynb"
         if notebook.is_file():
             pairs.append((notebook, root / folder / f"{module}.py"))
+    if not pairs:
+        raise ExportError(f"no chapter notebook under {root} (looked for {', '.join(CHAPTER_MODULES)})")
     return pairs
 
 
@@ -89,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if a module differs from its notebook")
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    differing = export_all(args.root.resolve(), check=args.check)
+    root = args.root.resolve()
+    try:
+        differing = export_all(root, check=args.check)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for module in differing:
-        rel = module.relative_to(args.root.resolve())
+        rel = module.relative_to(root)
         verb = "differs from its notebook (run `python -m shared.export`)" if args.check else "written"
         print(f"{rel}: {verb}")
     return 1 if (args.check and differing) else 0

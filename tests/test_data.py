@@ -135,6 +135,22 @@ def test_registry_has_the_names_chapters_use():
         assert all(url.startswith("https://") for url in entry.urls)
 
 
+def test_every_file_can_be_had_without_the_offline_mirror():
+    """A reader has no mirror: every entry downloads, or ships in the repository and verifies there."""
+    for entry in data.REGISTRY.values():
+        assert entry.urls or entry.bundled, entry.name
+        if entry.bundled:
+            assert data.verify(entry, data.REPO_ROOT / entry.bundled) is None, entry.name
+    with pytest.raises(ValueError, match="needs download URLs or a bundled copy"):
+        data.register(data.DataFile("nowhere", "nowhere.txt", (), sha(CONTENT)))
+
+
+def test_bundled_fixtures_need_no_cache_and_no_mirror(env):
+    path = data.fetch("hellaswag-val-sample")
+    assert path == data.REPO_ROOT / "shared" / "fixtures" / "hellaswag_val_sample.jsonl"
+    assert not (env / "cache").exists()
+
+
 def test_registry_matches_the_mirror_checksums():
     """Every pinned file in the offline mirror (LLM_DATA_MIRROR, set by .ci/run) verifies."""
     mirrors = [m for m in data.mirror_dirs() if (m / "SHA256SUMS").is_file()]
@@ -145,7 +161,8 @@ def test_registry_matches_the_mirror_checksums():
     assert len(pinned) >= 8
     for entry in pinned:
         assert entry.sha256 == sums[entry.filename], entry.name
-        assert data.fetch(entry.name).parent == mirrors[0]
+        expected = (data.REPO_ROOT / entry.bundled).parent if entry.bundled else mirrors[0]
+        assert data.fetch(entry.name).parent == expected
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

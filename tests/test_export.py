@@ -1,13 +1,16 @@
 import json
 
 import nbformat
+import pytest
 
 from shared import export
 
 
 def make_notebook(path, sources):
+    """A notebook of code cells; a source starting with "## " becomes a markdown cell."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# Title")] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title")] + [
+        nbformat.v4.new_markdown_cell(s) if s.startswith("## ") else nbformat.v4.new_code_cell(s) for s in sources]
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
 
@@ -58,3 +61,34 @@ def test_every_chapter_module_matches_its_notebook():
     for notebook, module in export.chapter_targets():
         if export.exported_cells(notebook):
             assert module.is_file(), f"{module} missing: run python -m shared.export"
+
+
+def test_near_misses_of_the_mark_are_errors_not_silently_skipped(tmp_path, capsys):
+    for near_miss in ["#|export", "# | export", "#| Export", "#export"]:
+        nb = tmp_path / "ch01_tokenization" / "ch01_tokenization.ipynb"
+        make_notebook(nb, ["#| export\nA = 1", f"{near_miss}\nB = 2"])
+        with pytest.raises(export.ExportError, match=r"cell 2 starts with .*the export mark is exactly '#\| export'"):
+            export.exported_cells(nb)
+        assert export.main(["--root", str(tmp_path)]) == 2
+        assert "cell 2" in capsys.readouterr().err
+
+
+def test_a_root_without_chapters_is_an_error(tmp_path, capsys):
+    assert export.main(["--root", str(tmp_path / "no-such-folder")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert export.main(["--check", "--root", str(tmp_path)]) == 2
+    assert "no chapter notebook" in capsys.readouterr().err
+
+
+def test_module_reads_as_a_file_docstring_first_then_section_banners(tmp_path):
+    nb = tmp_path / "ch02_attention" / "ch02_attention.ipynb"
+    make_notebook(nb, ['#| export\n"""What this module is."""\nimport math', "## 1. Scores",
+                       "#| export\ndef score():\n    return 1", "#| export\ndef more():\n    return 2",
+                       "## 2. Heads", "x = 0", "#| export\nclass Head:\n    pass"])
+    export.export_all(tmp_path)
+    module = tmp_path / "ch02_attention" / "attention.py"
+    text = module.read_text()
+    assert text.count("# ---- ") == 2
+    assert text.index("# ---- Scores ") < text.index("def score") < text.index("def more") < text.index("# ---- Heads ")
+    import ast
+    assert ast.get_docstring(ast.parse(text)) == "What this module is."
