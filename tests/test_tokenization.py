@@ -9,10 +9,15 @@ import torch
 from ch01_tokenization.tokenization import (
     GPT2_SPLIT_PATTERN,
     BPETokenizer,
+    CharTokenizer,
     GPTDataset,
+    TiktokenTokenizer,
+    Tokenizer,
     create_dataloader,
+    derive_merges,
     learn_merges,
     learn_merges_naive,
+    merge_chunk,
     merge_pair,
     split_into_chunks,
 )
@@ -120,6 +125,106 @@ def test_from_gpt2_defaults_fetch_the_files(gpt2):
     assert BPETokenizer.from_gpt2().ranks == gpt2.ranks
 
 
+def obvious_merge(chunk: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """tiktoken's rule at its plainest: merge the leftmost lowest-ranked pair until none is a token."""
+    parts = [chunk[i:i + 1] for i in range(len(chunk))]
+    while True:
+        candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+        if not candidates:
+            return parts
+        _, i = min(candidates)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def test_merge_chunk_equals_the_obvious_loop_on_random_vocabularies():
+    rng = random.Random(3)
+    for _ in range(300):
+        alphabet = rng.sample(b"abcdef ", rng.randint(2, 7))
+        ranks = {bytes([b]): b for b in range(256)}
+        for _ in range(rng.randint(1, 30)):        # random multi-byte tokens with distinct ranks
+            token = bytes(rng.choice(alphabet) for _ in range(rng.randint(2, 4)))
+            ranks.setdefault(token, len(ranks))
+        chunk = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        assert merge_chunk(chunk, ranks) == obvious_merge(chunk, ranks), (chunk, ranks)
+
+
+def test_a_50000_letter_word_encodes_like_tiktoken(gpt2, reference):
+    """The obvious loop is quadratic in a chunk's length (32 s for this word); merge_chunk is not."""
+    word = "".join(random.Random(1).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(50_000))
+    assert gpt2.encode(word) == reference.encode(word)
+    assert gpt2.encode("a" * 50_000) == reference.encode("a" * 50_000)
+
+
+def test_merges_derived_from_ranks_equal_gpt2s_vocab_bpe(gpt2):
+    assert derive_merges(gpt2.ranks) == gpt2.merges and len(gpt2.merges) == 50_000
+    assert BPETokenizer(gpt2.ranks).merges == gpt2.merges          # derived when not given
+
+
+# ---- one interface for every tokenizer ----------------------------------------------------
+
+def test_char_tokenizer_follows_the_interface(tmp_path):
+    tok = CharTokenizer("hello world")
+    assert tok.chars == " dehlorw" and tok.n_vocab == 8 and tok.special_tokens == {} and tok.eot_token is None
+    assert tok.decode(tok.encode("lower")) == "lower"
+    with pytest.raises(ValueError, match="'z' is not in"):
+        tok.encode("zoo")
+    with pytest.raises(ValueError, match="token id 8 does not exist"):
+        tok.decode([8])
+    loaded = Tokenizer.load(tok.save(tmp_path / "chars.json"))
+    assert isinstance(loaded, CharTokenizer) and loaded.chars == tok.chars
+    with pytest.raises(ValueError, match="holds a CharTokenizer"):
+        BPETokenizer.load(tmp_path / "chars.json")
+
+
+def test_tiktoken_tokenizer_is_interchangeable_with_ours(gpt2, verdict, tmp_path):
+    fast = TiktokenTokenizer("gpt2")
+    assert fast.n_vocab == gpt2.n_vocab and fast.special_tokens == gpt2.special_tokens and fast.eot_token == 50256
+    texts = [verdict, "x<|endoftext|>y", "🤗 café"]
+    assert fast.encode_batch(texts, allowed_special="all") == gpt2.encode_batch(texts, allowed_special="all")
+    assert fast.decode(fast.encode(verdict)) == verdict
+    for tok in (fast, gpt2):
+        with pytest.raises(ValueError, match="not allowed"):
+            tok.encode("x<|endoftext|>y")
+        with pytest.raises(ValueError, match="not allowed"):
+            tok.encode_batch(["fine", "x<|endoftext|>y"])
+        with pytest.raises(ValueError, match="token id 50257 does not exist"):
+            tok.decode([50257])
+    assert isinstance(Tokenizer.load(fast.save(tmp_path / "t.json")), TiktokenTokenizer)
+
+
+def test_special_tokens_must_be_a_list_of_non_empty_strings(verdict):
+    with pytest.raises(ValueError, match=r"got the string '<\|endoftext\|>'; write special_tokens=\['<"):
+        BPETokenizer().train(verdict, 300, special_tokens="<|endoftext|>")
+    with pytest.raises(ValueError, match="non-empty string"):
+        BPETokenizer().train(verdict, 300, special_tokens=[""])
+    with pytest.raises(ValueError, match="non-empty string"):
+        BPETokenizer(special_tokens={"": 256})
+    tok = BPETokenizer(special_tokens={"<|endoftext|>": 256})
+    with pytest.raises(ValueError, match=r"write allowed_special=\{'<\|endoftext\|>'\}"):
+        tok.encode("a<|endoftext|>", allowed_special="<|endoftext|>")
+
+
+def test_sparse_special_ids_count_like_tiktoken():
+    """n_vocab is one more than the largest id (cl100k_base's specials have gaps)."""
+    tok = BPETokenizer(special_tokens={"<|a|>": 300, "<|b|>": 256})
+    assert tok.n_vocab == 301
+    assert tok.decode(tok.encode("x<|a|>", allowed_special="all")) == "x<|a|>"
+    with pytest.raises(ValueError, match="already taken"):
+        BPETokenizer(special_tokens={"<|a|>": 255})
+
+
+def test_a_split_pattern_with_a_capturing_group_keeps_every_character():
+    tok = BPETokenizer(pattern=r"( ?\p{L}+)|\s+|.")
+    text = "Hello, wide world!"
+    assert tok.decode(tok.encode(text)) == text
+    assert split_into_chunks(text, r"( ?\p{L}+)|\s+|.")[:3] == ["Hello", ",", " wide"]
+
+
+def test_a_split_pattern_that_skips_characters_is_an_error():
+    with pytest.raises(ValueError, match="skips characters"):
+        BPETokenizer(pattern=r"\w+").encode("two words")
+
+
 # ---- training -----------------------------------------------------------------------------
 
 def test_split_pattern_is_lossless(verdict):
@@ -199,8 +304,9 @@ def test_save_and_load_round_trip(tmp_path, verdict, gpt2):
     loaded = BPETokenizer.load(tok.save(tmp_path / "tok.json"))
     assert loaded.ranks == tok.ranks and loaded.special_tokens == tok.special_tokens
     assert loaded.encode(verdict) == tok.encode(verdict)
+    assert loaded.merges == tok.merges                       # kept, not re-derived (ours can differ)
     big = BPETokenizer.load(gpt2.save(tmp_path / "gpt2.json"))
-    assert big.encode(verdict) == gpt2.encode(verdict)
+    assert big.encode(verdict) == gpt2.encode(verdict) and big.merges == gpt2.merges
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.json", "tok.json"]  # no temp files left
 
 
@@ -216,6 +322,15 @@ def test_loading_something_else_is_a_clear_error(tmp_path, content):
     path.write_text(content)
     with pytest.raises(ValueError, match="is not a tokenizer saved by BPETokenizer.save"):
         BPETokenizer.load(path)
+
+
+def test_version_1_files_without_merges_still_load(tmp_path, verdict):
+    tok = BPETokenizer().train(verdict, 300)
+    data = {"format": "llm-from-scratch-bpe", **tok.to_dict(), "version": 1}
+    del data["merges"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = BPETokenizer.load(tmp_path / "old.json")
+    assert old.ranks == tok.ranks and old.merges == derive_merges(tok.ranks)
 
 
 def test_loading_a_binary_file_is_a_clear_error(tmp_path):
