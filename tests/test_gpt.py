@@ -307,3 +307,181 @@ def test_model_with_targets_returns_the_loss():
     x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
     expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
     assert model(x, y).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ---- the loss: ignore_index, evaluation, precision, bad targets ---------------------------
+
+def _loss_case(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    hidden = torch.randn(300, 32, dtype=dtype, requires_grad=True)
+    weight = (0.1 * torch.randn(1000, 32, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    return hidden, weight, targets
+
+
+def test_ignore_index_like_pytorch_in_value_and_gradients():
+    from ch03_gpt_model.gpt import linear_cross_entropy
+
+    hidden, weight, targets = _loss_case()
+    targets[:70] = -100                                   # a whole chunk of 64 ignored, and part of the next
+    targets[200::3] = -100
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=64)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(grads, expected_grads))
+    assert torch.all(grads[0][:70] == 0)
+    model = tiny_model()
+    x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    y[0, :5] = -100
+    plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert model(x, y).item() == pytest.approx(plain.item(), abs=1e-5)
+
+
+def test_evaluation_computes_the_loss_alone(monkeypatch):
+    from ch03_gpt_model import gpt
+
+    calls = []
+    real = gpt._cross_entropy_sum
+
+    def spy(*args, with_grads=None, **kwargs):
+        with_grads = args[5] if with_grads is None else with_grads
+        calls.append(with_grads)
+        return real(*args[:5], with_grads=with_grads)
+
+    monkeypatch.setattr(gpt, "_cross_entropy_sum", spy)
+    hidden, weight, targets = _loss_case()
+    with torch.no_grad():
+        evaluated = gpt.linear_cross_entropy(hidden, weight, targets)
+    trained = gpt.linear_cross_entropy(hidden, weight, targets)
+    assert calls == [False, True] and evaluated.item() == pytest.approx(trained.item(), abs=1e-6)
+
+
+def test_float64_models_get_float64_losses_and_gradients():
+    from ch03_gpt_model.gpt import linear_cross_entropy
+
+    hidden, weight, targets = _loss_case(torch.float64)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    assert loss.dtype == torch.float64 and abs(loss.item() - expected.item()) < 1e-12
+    assert all(g.dtype == torch.float64 and torch.allclose(g, w, atol=1e-12) for g, w in zip(grads, expected_grads))
+
+
+def test_bad_targets_are_clear_errors():
+    from ch03_gpt_model.gpt import linear_cross_entropy
+
+    model = tiny_model()
+    x = torch.randint(0, 101, (2, 16))
+    with pytest.raises(ValueError, match=r"targets must have the shape of idx, \(2, 16\), got \(2, 15\)"):
+        model(x, torch.randint(0, 101, (2, 15)))
+    hidden, weight, targets = _loss_case()
+    for wrong in (-5, 1000):
+        targets[7] = wrong
+        with pytest.raises(ValueError, match=f"target id {wrong} is outside the vocabulary 0..999"):
+            linear_cross_entropy(hidden, weight, targets)
+
+
+# ---- Hugging Face config fields that change the computation -------------------------------
+
+def test_layer_norm_epsilon_is_honoured(tmp_path):
+    torch.manual_seed(0)
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_layer=2, n_head=4, n_embd=64,
+                                        layer_norm_epsilon=0.5)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = GPTModel.from_pretrained_hf(tmp_path).eval()
+    assert ours.cfg.norm_eps == 0.5 and ours.transformer.ln_f.eps == 0.5
+    x = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
+    ours.save_pretrained_hf(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["layer_norm_epsilon"] == 0.5
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("activation_function", "relu", "activation_function='relu'"),
+    ("scale_attn_weights", False, "scale_attn_weights=False"),
+    ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True"),
+    ("n_inner", 100, "n_inner=100"),
+])
+def test_config_fields_gptmodel_does_not_implement_are_refused(tmp_path, field, value, match):
+    GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=32, n_layer=1, n_head=4, n_embd=64,
+                               **{field: value})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"computes differently from GPTModel: {match}"):
+        GPTModel.from_pretrained_hf(tmp_path)
+
+
+def test_a_broken_config_json_names_the_file(tmp_path):
+    tiny_model().save_pretrained_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not a Hugging Face config.json"):
+        GPTModel.from_pretrained_hf(tmp_path)
+
+
+# ---- generate refuses what it cannot use ---------------------------------------------------
+
+@pytest.mark.parametrize("prompt, kwargs, match", [
+    (torch.zeros(3, dtype=torch.long), {}, r"idx must be a \(batch, seq\) tensor"),
+    (torch.zeros(1, 0, dtype=torch.long), {}, "seq >= 1"),
+    (torch.zeros(1, 3), {}, "tensor of token ids"),
+    ([[1, 2]], {}, "tensor of token ids"),
+    (torch.tensor([[1, 101]]), {}, r"token ids from 1 to 101; this model's vocabulary is 0..100"),
+    (torch.tensor([[-1, 2]]), {}, "token ids from -1"),
+    (torch.zeros(1, 2, dtype=torch.long), {"temperature": float("nan")}, "temperature must be a finite number"),
+    (torch.zeros(1, 2, dtype=torch.long), {"temperature": -0.5}, "temperature"),
+    (torch.zeros(1, 2, dtype=torch.long), {"top_k": 2.0}, "top_k must be a positive int"),
+    (torch.zeros(1, 2, dtype=torch.long), {"top_k": 0}, "top_k"),
+    (torch.zeros(1, 2, dtype=torch.long), {"top_p": float("nan")}, "top_p"),
+    (torch.zeros(1, 2, dtype=torch.long), {"max_new_tokens": 2.5}, "max_new_tokens must be an int"),
+    (torch.zeros(1, 2, dtype=torch.long), {"eos_id": 101}, "eos_id must be a token id in 0..100"),
+    (torch.zeros(1, 2, dtype=torch.long), {"vocab_size": 500}, "vocab_size must be an int in 1..101"),
+])
+def test_generate_names_the_argument_at_fault(prompt, kwargs, match):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_model(), prompt, **kwargs)
+
+
+def test_generate_refuses_a_prompt_on_another_device():
+    with pytest.raises(ValueError, match="idx is on meta but the model is on cpu"):
+        generate(tiny_model(), torch.zeros(1, 2, dtype=torch.long, device="meta"), 2)
+
+
+def test_vocab_size_keeps_sampling_among_the_first_ids():
+    model = tiny_model()
+    out = generate(model, torch.zeros(64, 1, dtype=torch.long), 8, temperature=2.0, vocab_size=10,
+                   generator=torch.Generator().manual_seed(0))
+    assert out[:, 1:].max() < 10
+
+
+# ---- arithmetic ---------------------------------------------------------------------------
+
+def test_peak_flops_from_the_datasheet_or_measured(monkeypatch):
+    from ch03_gpt_model import gpt
+
+    assert gpt.peak_flops("cuda", "mixed", gpu_name="Tesla T4") == (65e12, "Tesla T4 datasheet, mixed")
+    assert gpt.peak_flops("cuda", "tf32", gpu_name="NVIDIA A100-SXM4-80GB")[0] == 156e12
+    assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA H100 PCIe")[0] == 756e12
+    assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA H100 80GB HBM3")[0] == 989e12
+    monkeypatch.setattr(gpt, "measure_peak_flops", lambda device: 1.0)
+    assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA L40S") == (1.0, "measured fp32 matmul peak of this cuda")
+    assert gpt.peak_flops("cpu", "mixed")[1] == "measured fp32 matmul peak of this cpu"
+    with pytest.raises(ValueError, match="precision must be"):
+        gpt.peak_flops("cpu", "bf16")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("mixed", torch.bfloat16)])
+def test_activation_bytes_per_layer_are_what_autograd_keeps(precision, dtype):
+    from ch03_gpt_model.gpt import ACTIVATION_BYTES, saved_activation_bytes
+
+    measured = {}
+    for n_layer in (1, 3):
+        for batch in (2, 4):
+            cfg = GPTConfig(vocab_size=300, context_length=64, n_layer=n_layer, n_head=4, n_embd=96)
+            x, y = torch.randint(0, 300, (batch, 64)), torch.randint(0, 300, (batch, 64))
+            measured[n_layer, batch] = saved_activation_bytes(tiny_model(cfg=cfg).train(), x, y, dtype)
+    # what 2 more layers keep for 2 more sequences: the embeddings, the loss and autocast's weight copies cancel
+    per_layer = (measured[3, 4] - measured[3, 2] - measured[1, 4] + measured[1, 2]) / (2 * 2 * 64 * 96)
+    assert per_layer == pytest.approx(ACTIVATION_BYTES[precision], rel=0.05)
