@@ -8,14 +8,17 @@
    prints the speed-up.
 2. Encoding: our from-scratch GPT-2 tokenizer against tiktoken on the same text, cold (a fresh
    tokenizer, empty chunk cache) and warm (second pass), in MB/s and as a ratio.
+3. One long chunk (a word of 5,000 and of 50,000 random letters): `merge_chunk` (a heap, O(n log n))
+   and tiktoken, and how much longer each takes for the 10x longer word (a quadratic loop: 100x).
 """
 
 import argparse
+import random
 import time
 
 import tiktoken
 
-from ch01_tokenization.tokenization import BPETokenizer
+from ch01_tokenization.tokenization import BPETokenizer, merge_chunk
 from shared.data import read_text
 
 
@@ -53,6 +56,21 @@ def main() -> None:
     print(f"  tiktoken (Rust):          {mb / tik_s:7.2f} MB/s")
     print(f"  ours, cold chunk cache:   {mb / cold_s:7.2f} MB/s  ({tik_s / cold_s:.2f}x tiktoken's speed)")
     print(f"  ours, warm chunk cache:   {mb / warm_s:7.2f} MB/s  ({tik_s / warm_s:.2f}x tiktoken's speed)")
+
+    word = "".join(random.Random(1).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(50_000))
+    print("\nOne chunk of n random letters (a base64 blob or a DNA line looks like this to the split pattern)")
+    times = {}
+    for n in (5_000, 50_000):
+        chunk = word[:n].encode()
+        times["merge_chunk", n], parts = seconds(merge_chunk, chunk, ours.ranks)
+        times["tiktoken", n], tik = seconds(reference.encode_ordinary, word[:n])
+        assert [ours.ranks[p] for p in parts] == tik
+        print(f"  n = {n:6,}: merge_chunk {times['merge_chunk', n] * 1e3:8.1f} ms, "
+              f"tiktoken {times['tiktoken', n] * 1e3:6.1f} ms")
+    growth = {name: times[name, 50_000] / times[name, 5_000] for name in ("merge_chunk", "tiktoken")}
+    print(f"  10x longer: merge_chunk takes {growth['merge_chunk']:.0f}x the time, tiktoken {growth['tiktoken']:.0f}x "
+          f"(a quadratic loop: 100x)")
+
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Both models get the same config (default: 4 layers, 256 wide, 4 heads, context 256, GPT-2's vocabulary,
 fp32, CPU) and the same batches. Steps are interleaved round by round so that the machine's noise hits
 both alike; the script prints tokens/s of each, their ratio, and each one's model-FLOPs utilisation
-against the matmul peak measured on this machine in the same run.
+against the matmul peak measured on this machine in the same run. It then times an evaluation, the loss
+under `torch.no_grad`, the same way.
 """
 
 import argparse
@@ -15,8 +16,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ch03_gpt_model.gpt import GPTConfig, GPTModel, flops_per_token
-from ch04_pretraining.pretraining import configure_optimizer, measure_peak_flops
+from ch03_gpt_model.gpt import GPTConfig, GPTModel, flops_per_token, measure_peak_flops
+from ch04_pretraining.pretraining import configure_optimizer
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -40,6 +41,30 @@ def hf_step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
 
 
+def ours_eval(model, optimizer, x, y):
+    with torch.no_grad():
+        model(x, y)
+
+
+def hf_eval(model, optimizer, x, y):
+    with torch.no_grad():
+        F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+
+
+def interleaved_seconds(contestants: dict, optimizers: dict, x, y, rounds: int, steps: int) -> dict:
+    """Seconds each contestant's step took in all, run round by round so that noise hits all alike."""
+    seconds = dict.fromkeys(contestants, 0.0)
+    for name, (model, step) in contestants.items():      # warm-up
+        step(model, optimizers[name], x, y)
+    for _ in range(rounds):
+        for name, (model, step) in contestants.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, optimizers[name], x, y)
+            seconds[name] += time.perf_counter() - start
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per model per round")
@@ -61,15 +86,7 @@ def main() -> None:
     optimizers = {name: configure_optimizer(model, 1e-4, 0.1) for name, (model, _) in contestants.items()}
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length))
     y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length))
-    seconds = dict.fromkeys(contestants, 0.0)
-    for name, (model, step) in contestants.items():      # warm-up
-        step(model, optimizers[name], x, y)
-    for _ in range(args.rounds):
-        for name, (model, step) in contestants.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(model, optimizers[name], x, y)
-            seconds[name] += time.perf_counter() - start
+    seconds = interleaved_seconds(contestants, optimizers, x, y, args.rounds, args.steps)
     peak = measure_peak_flops("cpu", size=2048)
     tokens = args.rounds * args.steps * x.numel()
     flops = flops_per_token(cfg, n_params=ours.num_parameters(exclude_positions=True))
@@ -81,6 +98,10 @@ def main() -> None:
         print(f"  {name:30s} {rates[name]:8.0f} tokens/s   MFU {rates[name] * flops / peak:6.1%}")
     ours_name, hf_name = contestants
     print(f"ratio ours / transformers: {rates[ours_name] / rates[hf_name]:.2f}x")
+    evaluation = interleaved_seconds({ours_name: (ours, ours_eval), hf_name: (hf, hf_eval)}, optimizers, x, y,
+                                     args.rounds, args.steps)
+    print(f"evaluation (loss under no_grad): ours {tokens / evaluation[ours_name]:,.0f} tokens/s, transformers "
+          f"{tokens / evaluation[hf_name]:,.0f} tokens/s, ratio {evaluation[hf_name] / evaluation[ours_name]:.2f}x")
 
 
 if __name__ == "__main__":

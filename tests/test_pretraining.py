@@ -14,20 +14,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel
-from ch04_pretraining.__main__ import parse_args
+from ch01_tokenization.tokenization import BPETokenizer, CharTokenizer, TiktokenTokenizer
+from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel, generate
+from ch04_pretraining import pretraining
+from ch04_pretraining.__main__ import parse_args, train_parser
 from ch04_pretraining.pretraining import (
     BatchSampler,
-    CharTokenizer,
-    GPT2Tokenizer,
+    CheckpointError,
+    ConfigError,
     TrainConfig,
     TrainingDiverged,
+    attention_maps,
     configure_optimizer,
+    ending_losses,
+    estimate_loss,
+    evaluate_hellaswag,
     fit_micro_batch,
     get_batch,
+    hellaswag_rows,
     load_checkpoint,
+    load_data,
+    load_run,
     lr_at,
+    nats_per_character,
     read_metrics,
+    read_steps,
+    run_lock,
     scale_preset,
     steps_within_budget,
     tokenize_to_memmap,
@@ -38,7 +50,8 @@ from shared.data import fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max_steps=12, warmup_steps=3,
-            eval_interval=4, eval_iters=2, lr=3e-3, min_lr=3e-4)
+            eval_interval=4, eval_iters=2, log_interval=2, lr=3e-3, min_lr=3e-4)
+QUIET = dict(log=lambda message: None, progress=False)
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
@@ -51,15 +64,20 @@ def run_cli(*args, env_extra=None, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def wait_for(path: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # ---- pieces -------------------------------------------------------------------------------
-
-def test_char_tokenizer():
-    tok = CharTokenizer("hello world")
-    assert tok.chars == " dehlorw" and tok.n_vocab == 8
-    assert tok.decode(tok.encode("lower")) == "lower"
-    with pytest.raises(ValueError, match="'z' is not in"):
-        tok.encode("zoo")
-
 
 def test_split_is_first_90_last_10():
     train_ids, val_ids = train_val_split(list(range(100)))
@@ -96,68 +114,159 @@ def test_sampler_is_resumable_and_batches_shift_by_one():
 
 
 def test_tokenize_to_memmap_on_tinystories_format(tmp_path):
-    tokenizer = GPT2Tokenizer()
+    tokenizer = TiktokenTokenizer("gpt2")
     text_path = fetch("tinystories-sample")
     tokens = tokenize_to_memmap(text_path, tmp_path / "sample.bin", tokenizer, chunk_bytes=500, progress=False)
     stories = [s.strip() for s in text_path.read_text().split("<|endoftext|>") if s.strip()]
-    expected = [i for s in stories for i in tokenizer.encode(s) + [tokenizer.eot]]
+    expected = [i for s in stories for i in tokenizer.encode(s) + [tokenizer.eot_token]]
     assert tokens.dtype == np.uint16 and tokens.tolist() == expected
-    assert int((tokens == tokenizer.eot).sum()) == len(stories) == 5
+    assert int((tokens == tokenizer.eot_token).sum()) == len(stories) == 5
     assert [p.name for p in tmp_path.iterdir()] == ["sample.bin"]
 
 
+def test_tinystories_tokens_go_to_the_cache_not_beside_a_read_only_text(tmp_path, monkeypatch):
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    for name in ("train", "valid"):
+        shutil.copy(fetch("tinystories-sample"), mirror / f"TinyStoriesV2-GPT4-{name}.txt")
+    mirror.chmod(0o555)
+    monkeypatch.setenv("LLM_DATA_DIR", str(cache))
+    monkeypatch.setattr(pretraining, "fetch", lambda name: mirror / f"TinyStoriesV2-GPT4-{name.split('-')[1]}.txt")
+    try:
+        tokenizer, train_tokens, val_tokens = load_data(TrainConfig(data="tinystories", tokenizer="gpt2"))
+    finally:
+        mirror.chmod(0o755)
+    assert sorted(p.name for p in mirror.iterdir()) == ["TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"]
+    assert len(list((cache / "tokens").glob("*.gpt2.bin"))) == 2 and len(train_tokens) == len(val_tokens) == 911
+
+
 def test_micro_batch_fits_the_gpu():
-    cfg = GPT_CONFIGS["gpt2"]
-    assert fit_micro_batch(cfg, 16e9, 64) == (8, 8)          # a T4
-    assert fit_micro_batch(cfg, 80e9, 64) == (32, 2)         # an A100 80GB
+    cfg = GPTConfig(vocab_size=50304)
+    assert fit_micro_batch(cfg, 16e9, 64) == (16, 4)          # a T4
+    assert fit_micro_batch(cfg, 24e9, 64) == (32, 2)          # an L4
+    assert fit_micro_batch(cfg, 80e9, 64) == (64, 1)          # an A100 80GB
+    assert fit_micro_batch(cfg, 16e9, 64, mixed_precision=False) == (16, 4)
     with pytest.raises(ValueError, match="does not fit"):
         fit_micro_batch(GPT_CONFIGS["gpt2-xl"], 8e9, 64)
 
 
-def test_gpu_preset_is_gpt2_124m_on_tinystories():
+def test_gpu_preset_is_what_a_gpu_user_expects():
     cfg = scale_preset("gpu", gpu_memory_bytes=16e9)
     assert cfg.data == "tinystories" and cfg.tokenizer == "gpt2" and cfg.time_budget_min == 60
-    assert cfg.batch_size * cfg.grad_accum == 64
+    assert cfg.batch_size * cfg.grad_accum == 64 and cfg.compile and cfg.vocab_multiple == 64
+    model_cfg = cfg.model_config(50257)
+    assert model_cfg.vocab_size == 50304
     with torch.device("meta"):
-        model = GPTModel(cfg.model_config(50257))
-    assert model.num_parameters() == 124_439_808
+        model = GPTModel(model_cfg)
+    assert model.num_parameters() == 124_439_808 + 47 * 768
 
 
-def test_cli_flags_override_the_preset():
-    cfg, resume = parse_args(["--scale", "smoke", "--n-layer", "3", "--lr", "0.01", "--no-bias", "--resume"])
-    assert cfg.n_layer == 3 and cfg.lr == 0.01 and cfg.bias is False and resume
+def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
+    cfg, resume, overwrite = parse_args(["--scale", "smoke", "--n-layer", "3", "--lr", "0.01", "--no-bias"])
+    assert cfg.n_layer == 3 and cfg.lr == 0.01 and cfg.bias is False and not resume and not overwrite
     assert cfg.n_embd == scale_preset("smoke").n_embd
-    cfg, _ = parse_args(["--init-std", "0.02", "--no-tie-embeddings"])
+    cfg, _, _ = parse_args(["--init-std", "0.02", "--no-tie-embeddings"])
     model_cfg = cfg.model_config(65)
     assert model_cfg.weight_std == 0.02 and model_cfg.tie_embeddings is False
     assert parse_args([])[0].model_config(65).weight_std == pytest.approx(0.02 * math.sqrt(768 / 128))
+    for action in train_parser()._actions:
+        if action.dest != "help":
+            assert action.help and (action.dest in ("resume", "overwrite") or "(default:" in action.help), action.dest
     with pytest.raises(SystemExit):
         parse_args(["--min-lr", "1", "--lr", "0.1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "--overwrite"])
+
+
+# ---- settings that cannot work --------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, match", [
+    ("grad_clip", -1.0, "grad_clip: must be a number >= 0"),
+    ("weight_decay", -0.1, "weight_decay: must be a number >= 0"),
+    ("warmup_steps", -1, "warmup_steps: must be an integer >= 0"),
+    ("sample_tokens", -5, "sample_tokens: must be an integer >= 0"),
+    ("time_budget_min", -1.0, "time_budget_min: must be a number >= 0"),
+    ("lr", 0.0, "lr: must be a positive number"),
+    ("lr", float("nan"), "lr: must be a positive number"),
+    ("min_lr", 1.0, r"min_lr: \(1.0\) must not exceed lr"),
+    ("dropout", 1.0, r"dropout: must be in \[0, 1\)"),
+    ("beta2", 1.0, "beta2"),
+    ("n_head", 3, r"n_head: n_embd \(128\) must be divisible by n_head \(3\)"),
+    ("batch_size", 0, "batch_size: must be a positive integer"),
+    ("device", "gpu", "device: must be auto, cpu, cuda or mps"),
+])
+def test_bad_settings_are_refused_naming_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        TrainConfig(**{field: value})
+    assert info.value.field == field
+
+
+def test_bad_data_is_named_in_the_callers_terms(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "nul.txt").write_bytes(b"abc\x00def" * 100)
+    (tmp_path / "short.txt").write_text("A few words only.\n")
+    for name, match in [("empty.txt", "is empty"), ("weights.bin", "is not UTF-8 text"),
+                        ("nul.txt", "holds NUL bytes"), ("short.txt", "too short for validation windows"),
+                        ("missing.txt", "neither a registered data set")]:
+        with pytest.raises(ConfigError, match=match) as info:
+            train(tiny_config(tmp_path / f"run-{name}", data=str(tmp_path / name)), **QUIET)
+        assert info.value.field == "data" and "--" not in info.value.message
+    proc = run_cli("--scale", "smoke", "--data", str(tmp_path / "weights.bin"), "--out-dir", str(tmp_path / "cli"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.startswith("error: --data: ") and "Traceback" not in err
+
+
+def test_a_chapter_1_tokenizer_file_trains_and_is_kept_with_the_run(tmp_path):
+    text = fetch("tinyshakespeare").read_text()[:200_000]
+    (tmp_path / "text.txt").write_text(text)
+    BPETokenizer().train(text, 300).save(tmp_path / "bpe.json")
+    cfg = tiny_config(tmp_path / "run", data=str(tmp_path / "text.txt"), tokenizer=str(tmp_path / "bpe.json"))
+    result = train(cfg, **QUIET)
+    assert result["tokenizer"].n_vocab == 300 and isinstance(load_run(tmp_path / "run")[1], BPETokenizer)
+    with pytest.raises(ConfigError, match="tokenizer: .*is not a tokenizer"):
+        train(tiny_config(tmp_path / "run2", tokenizer=str(tmp_path / "text.txt")), **QUIET)
 
 
 # ---- training -----------------------------------------------------------------------------
 
-def test_training_learns_and_writes_read_metrics(tmp_path):
-    result = train(tiny_config(tmp_path, max_steps=40, eval_interval=20), log=lambda m: None)
+def test_training_learns_and_logs_evaluations_and_steps(tmp_path):
+    result = train(tiny_config(tmp_path, max_steps=40, eval_interval=20), **QUIET)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 20, 40]
-    assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s"}
+    assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
     assert rows[0]["train_loss"] == pytest.approx(math.log(65), abs=0.3)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
-    assert result["step"] == 40
+    steps = read_steps(tmp_path)
+    assert [r["step"] for r in steps] == list(range(2, 41, 2))
+    assert all(r["grad_norm"] > 0 and r["step_s"] > 0 and r["loss"] > 0 for r in steps)
+    assert steps[0]["lr"] == pytest.approx(lr_at(1, 3e-3, 3e-4, 3, 40))
+    assert result["step"] == 40 and result["best_step"] == 40 and result["stopped_by"] is None
+
+
+def test_the_run_ends_with_a_summary_and_a_progress_bar(tmp_path, capsys):
+    lines = []
+    train(tiny_config(tmp_path), log=lines.append)
+    summary = lines[-1]
+    assert "finished 12 steps" in summary and "best" in summary
+    assert f"checkpoint: {tmp_path / 'ckpt-0000012.safetensors'}" in summary
+    assert f"python -m ch04_pretraining sample --out-dir {tmp_path}" in summary
+    bar = capsys.readouterr().err
+    assert "12/12" in bar and "step/s" in bar
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tie_embeddings):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train(tiny_config(full, tie_embeddings=tie_embeddings), log=lambda m: None)
+    train(tiny_config(full, tie_embeddings=tie_embeddings), **QUIET)
     # a run that stopped after step 8: its last checkpoint is the one at step 8
     shutil.copytree(full, resumed)
     (resumed / "latest.json").write_text(json.dumps(
         {"step": 8, "weights": "ckpt-0000008.safetensors", "state": "ckpt-0000008.pt"}))
-    train(tiny_config(resumed, tie_embeddings=tie_embeddings), resume=True, log=lambda m: None)
+    train(tiny_config(resumed, tie_embeddings=tie_embeddings), resume=True, **QUIET)
     for a, b in zip(read_metrics(full), read_metrics(resumed), strict=True):
         assert (a["step"], a["train_loss"], a["val_loss"]) == (b["step"], b["train_loss"], b["val_loss"])
+    assert [r["loss"] for r in read_steps(full)] == [r["loss"] for r in read_steps(resumed)]
     final_full = load_file(full / "ckpt-0000012.safetensors")
     final_resumed = load_file(resumed / "ckpt-0000012.safetensors")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
@@ -165,26 +274,26 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tie_embeddings):
 
 
 def test_checkpoints_are_safetensors_and_safe_to_load(tmp_path):
-    train(tiny_config(tmp_path), log=lambda m: None)
+    train(tiny_config(tmp_path), **QUIET)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ckpt-0000008.pt", "ckpt-0000008.safetensors", "ckpt-0000012.pt",
-                     "ckpt-0000012.safetensors", "latest.json", "metrics.jsonl"]
+    assert names == ["ckpt-0000008.pt", "ckpt-0000008.safetensors", "ckpt-0000012.pt", "ckpt-0000012.safetensors",
+                     "config.json", "latest.json", "metrics.jsonl", "steps.jsonl", "tokenizer.json"]
     weights, state = load_checkpoint(tmp_path)
     assert state["step"] == 12 and "transformer.wte.weight" in weights
-    with pytest.raises(ValueError, match="n_embd: checkpoint 32, now 64"):
+    with pytest.raises(ConfigError, match="n_embd: checkpoint 32, now 64"):
         load_checkpoint(tmp_path, tiny_config(tmp_path, n_embd=64))
-    with pytest.raises(FileNotFoundError, match="train without --resume"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "empty")
 
 
 def test_checkpoints_from_before_a_config_field_existed_still_load(tmp_path):
-    train(tiny_config(tmp_path, max_steps=4), log=lambda m: None)
+    train(tiny_config(tmp_path, max_steps=4), **QUIET)
     state_file = tmp_path / json.loads((tmp_path / "latest.json").read_text())["state"]
     state = torch.load(state_file, weights_only=True)
     del state["config"]["tie_embeddings"], state["config"]["init_std"]
     torch.save(state, state_file)
     load_checkpoint(tmp_path, tiny_config(tmp_path))
-    with pytest.raises(ValueError, match="tie_embeddings: checkpoint True, now False"):
+    with pytest.raises(ConfigError, match="tie_embeddings: checkpoint True, now False"):
         load_checkpoint(tmp_path, tiny_config(tmp_path, tie_embeddings=False))
 
 
@@ -195,70 +304,235 @@ def test_steps_within_budget():
     assert steps_within_budget(40, 100.0, 50, 10, 100, 5000) == 41               # never before the next step
 
 
-def test_time_budget_shortens_the_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
-    import ch04_pretraining.pretraining as pretraining
+class TickingClock:
+    """A clock that moves `tick` seconds every time it is read: the run's timing is the same on any machine."""
 
-    # plan for 70 % of the budget instead of 95 %, so a noisy machine cannot make the clock stop the run first
-    monkeypatch.setattr(pretraining, "steps_within_budget",
-                        lambda *args: steps_within_budget(*args, margin=0.7))
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_fits_the_schedule_and_resume_keeps_it(tmp_path):
     lines = []
     cfg = tiny_config(tmp_path, max_steps=1_000_000, eval_interval=100_000, time_budget_min=0.05)
-    start = time.time()
-    result = train(cfg, log=lines.append)
-    assert time.time() - start < 3 * 60 * cfg.time_budget_min + 5
+    result = train(cfg, log=lines.append, progress=False, clock=TickingClock(0.005))
     fitted = load_checkpoint(tmp_path)[1]["config"]["max_steps"]
     assert 40 < fitted < 1_000_000 and any("fitted to the time budget" in line for line in lines)
     last = read_metrics(tmp_path)[-1]
     assert result["step"] == last["step"] == fitted and last["lr"] == cfg.min_lr     # annealed, not cut off
-    again = train(cfg, resume=True, log=lambda m: None)
+    assert result["stopped_by"] is None
+    again = train(cfg, resume=True, progress=False, log=lambda m: None, clock=TickingClock(0.005))
     assert again["step"] == fitted
 
 
+def test_the_clock_stops_a_run_whose_schedule_was_too_hopeful(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretraining, "steps_within_budget", lambda *args: 1_000_000)    # a wildly hopeful fit
+    cfg = tiny_config(tmp_path, max_steps=1_000_000, eval_interval=100_000, time_budget_min=0.01)
+    result = train(cfg, progress=False, log=lambda m: None, clock=TickingClock(0.01))
+    assert result["stopped_by"] == "time budget" and 10 < result["step"] < 1_000_000
+    assert load_checkpoint(tmp_path)[1]["step"] == result["step"]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        train(tiny_config(tmp_path, lr=1e30, min_lr=1e29, warmup_steps=1, grad_clip=0.0), log=lambda m: None)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is step 0"):
+        train(tiny_config(tmp_path, lr=1e30, min_lr=1e29, warmup_steps=1, grad_clip=0.0), **QUIET)
     weights, state = load_checkpoint(tmp_path)
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def test_ctrl_c_saves_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
+def test_divergence_first_seen_at_an_evaluation_saves_nothing(tmp_path, monkeypatch):
+    real = pretraining.estimate_loss
+    calls = []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        losses = real(*args, **kwargs)
+        return {k: math.nan for k in losses} if len(calls) == 3 else losses       # the evaluation of step 8
+
+    monkeypatch.setattr(pretraining, "estimate_loss", diverging)
+    with pytest.raises(TrainingDiverged, match="evaluation at step 8.*last good checkpoint is step 4"):
+        train(tiny_config(tmp_path), **QUIET)
+    assert load_checkpoint(tmp_path)[1]["step"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 4]
+    monkeypatch.setattr(pretraining, "estimate_loss", real)
+    assert train(tiny_config(tmp_path), resume=True, **QUIET)["step"] == 12
+
+
+# ---- one run per folder ----------------------------------------------------------------------
+
+def test_a_new_run_refuses_a_folder_that_holds_another(tmp_path):
+    train(tiny_config(tmp_path, max_steps=40, eval_interval=20), **QUIET)
+    with pytest.raises(ConfigError, match="already holds a run with checkpoints up to step 40") as info:
+        train(tiny_config(tmp_path, max_steps=12), **QUIET)
+    assert info.value.field == "out_dir"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 20, 40]          # nothing of the old run was lost
+    (tmp_path / "notes.txt").write_text("mine")
+    train(tiny_config(tmp_path, max_steps=12), overwrite=True, **QUIET)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 4, 8, 12]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors")) == ["ckpt-0000008.safetensors",
+                                                                             "ckpt-0000012.safetensors"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert train(tiny_config(tmp_path, max_steps=16), resume=True, **QUIET)["step"] == 16
+    with pytest.raises(ConfigError, match="no checkpoint in .* to resume from"):
+        train(tiny_config(tmp_path / "fresh"), resume=True, **QUIET)
+
+
+def test_rotation_keeps_the_newest_checkpoints_before_the_current_step(tmp_path):
+    train(tiny_config(tmp_path, max_steps=20), **QUIET)
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 16, "weights": "x", "state": "y"}))
+    for step in (8, 12):                                   # the folder as a run that stopped at step 8 would have it
+        for suffix in (".safetensors", ".pt"):
+            shutil.copy(tmp_path / f"ckpt-0000016{suffix}", tmp_path / f"ckpt-{step:07d}{suffix}")
+    pretraining.save_checkpoint(tmp_path, *_model_and_optimizer(), 12, tiny_config(tmp_path), _sampler())
+    kept = sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors"))
+    assert kept == ["ckpt-0000008.safetensors", "ckpt-0000012.safetensors", "ckpt-0000016.safetensors",
+                    "ckpt-0000020.safetensors"]
+
+
+def _model_and_optimizer():
+    model = GPTModel(tiny_config("x").model_config(65))
+    return model, configure_optimizer(model, 1e-3, 0.1)
+
+
+def _sampler():
+    return BatchSampler(np.arange(100), 16, seed=0)
+
+
+def test_two_runs_cannot_share_a_folder(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    with pytest.raises(ConfigError, match=f"in use by another run \\(process {os.getpid()}"):
+        train(tiny_config(tmp_path), **QUIET)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
+    train(tiny_config(tmp_path), **QUIET)                                         # a stale lock is taken over
+    assert not (tmp_path / ".lock").exists()
+    with run_lock(tmp_path):
+        proc = run_cli("--scale", "smoke", "--out-dir", str(tmp_path), "--resume")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.startswith("error: --out-dir: ") and "in use by another run" in err
+    with pytest.raises(TrainingDiverged):
+        train(tiny_config(tmp_path / "diverges", lr=1e30, min_lr=1e29, warmup_steps=1, grad_clip=0.0), **QUIET)
+    assert not (tmp_path / "diverges" / ".lock").exists()                         # released on errors too
+
+
+# ---- reading back what a run wrote ---------------------------------------------------------
+
+def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu(tmp_path):
+    """Storages saved as 'cuda:0' (faked by a location tagger) must come back to the CPU."""
+    train(tiny_config(tmp_path, max_steps=4), **QUIET)
+    state_file = tmp_path / "ckpt-0000004.pt"
+    state = torch.load(state_file, weights_only=True)
+    entry = (1, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda storage, location: None)
+    torch.serialization._package_registry.append(entry)
+    torch.serialization._package_registry.sort(key=lambda registered: registered[0])
+    try:
+        torch.save(state, state_file)
+    finally:
+        torch.serialization._package_registry.remove(entry)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(state_file, weights_only=True)                  # what a CPU-only machine saw before
+    assert load_checkpoint(tmp_path)[1]["step"] == 4
+    assert train(tiny_config(tmp_path, max_steps=8), resume=True, **QUIET)["step"] == 8
+
+
+def test_resume_refuses_data_whose_tokenizer_changed(tmp_path):
+    text = fetch("tinyshakespeare").read_text()[:100_000]
+    (tmp_path / "text.txt").write_text(text)
+    train(tiny_config(tmp_path / "run", data=str(tmp_path / "text.txt")), **QUIET)
+    (tmp_path / "text.txt").write_text(text + "zebra café")
+    with pytest.raises(ConfigError, match=r"tokenizer differs .*only in the data now: \['é'\]") as info:
+        train(tiny_config(tmp_path / "run", data=str(tmp_path / "text.txt"), max_steps=16), resume=True, **QUIET)
+    assert info.value.field == "data"
+
+
+def test_a_bad_metrics_line_does_not_block_resume(tmp_path):
+    train(tiny_config(tmp_path), **QUIET)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "train_lo')                   # the half line a killed run leaves
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 8, "weights": "x", "state": "y"}))
+    with pytest.warns(UserWarning, match=r"metrics.jsonl, line 5: skipped"):
+        train(tiny_config(tmp_path), resume=True, **QUIET)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 4, 8, 12]
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path):
+    train(tiny_config(tmp_path), **QUIET)
+    newest = tmp_path / "ckpt-0000012.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])                # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="step 12 .* is unreadable"):
+        assert load_checkpoint(tmp_path)[1]["step"] == 8
+    with pytest.warns(UserWarning):
+        assert train(tiny_config(tmp_path, max_steps=16), resume=True, **QUIET)["step"] == 16
+    for path in tmp_path.glob("ckpt-*.safetensors"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError,
+                                                  match="(?s)no readable checkpoint.*ckpt-0000016.pt: "):
+        load_checkpoint(tmp_path)
+
+
+def test_load_run_and_the_sample_command(tmp_path):
+    train(tiny_config(tmp_path), **QUIET)
+    model, tokenizer, state = load_run(tmp_path)
+    assert state["step"] == 12 and isinstance(tokenizer, CharTokenizer) and not model.training
+    proc = run_cli("sample", "--out-dir", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                   "--num-samples", "2", "--top-k", "5")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    samples = out.split("--- sample ")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:") for s in samples)
+    for args, message in [(["--prompt", "café"], "'é' is not in this tokenizer's vocabulary"),
+                          (["--top-k", "0"], "--top-k must be at least 1")]:
+        proc = run_cli("sample", "--out-dir", str(tmp_path), *args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and message in err and "Traceback" not in err
+    proc = run_cli("sample", "--out-dir", str(tmp_path / "nothing"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "no checkpoint" in err
+
+
+def test_a_padded_vocabulary_never_samples_an_id_the_tokenizer_lacks(tmp_path):
+    lines = []
+    train(tiny_config(tmp_path, vocab_multiple=64, sample_tokens=200), log=lines.append, progress=False)
+    model, tokenizer, _ = load_run(tmp_path)
+    assert model.cfg.vocab_size == 128 and tokenizer.n_vocab == 65
+    assert sum(line.startswith("  sample: ") for line in lines) == 4
+    out = generate(model, torch.zeros(32, 1, dtype=torch.long), 50, temperature=5.0, vocab_size=tokenizer.n_vocab,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.max() < 65
+
+
+# ---- signals, processes, precision ----------------------------------------------------------
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_then_resume_finishes_like_an_uninterrupted_run(tmp_path, stop_signal):
     args = ["--scale", "smoke", "--max-steps", "400", "--eval-interval", "50"]
     uninterrupted = run_cli(*args, "--out-dir", str(tmp_path / "a"))
     interrupted = run_cli(*args, "--out-dir", str(tmp_path / "b"))
-    deadline = time.time() + 60
-    while not (tmp_path / "b" / "latest.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    interrupted.send_signal(signal.SIGINT)
+    wait_for(tmp_path / "b" / "latest.json")
+    interrupted.send_signal(stop_signal)
     out, err = interrupted.communicate(timeout=60)
     assert uninterrupted.wait(timeout=120) == 0
     assert interrupted.returncode == 130, err
-    assert "checkpoint saved" in out
-    resumed = run_cli(*args, "--out-dir", str(tmp_path / "b"), "--resume")
+    assert "stopped at step" in out and f"({stop_signal.name})" in out and "--resume" in out
+    resumed = run_cli("--out-dir", str(tmp_path / "b"), "--resume")                # its own settings, from config.json
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     assert read_metrics(tmp_path / "a")[-1]["val_loss"] == read_metrics(tmp_path / "b")[-1]["val_loss"]
 
 
-def test_cli_errors_are_one_clear_line(tmp_path):
-    proc = run_cli("--scale", "smoke", "--out-dir", str(tmp_path), "--resume")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "no checkpoint" in err and "Traceback" not in err
-    proc = run_cli("--scale", "smoke", "--data", "no-such-data")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "neither a registered data set" in err
+def torchrun(*args, port=None):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={port or free_port()}", "-m", "ch04_pretraining", *args]
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
     common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4"]
     single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
     assert single.wait(timeout=120) == 0, single.stderr.read()
-    with socket.socket() as probe:                      # a free port for the processes to meet on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m", "ch04_pretraining", *common, "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")]
-    ddp = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ddp = subprocess.run(torchrun(*common, "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     a = load_file(tmp_path / "single" / "ckpt-0000006.safetensors")
     b = load_file(tmp_path / "ddp" / "ckpt-0000006.safetensors")
@@ -273,43 +547,26 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
                            load_file(tmp_path / "single" / "ckpt-0000000.safetensors")["transformer.wte.weight"])
 
 
-# ---- HellaSwag ----------------------------------------------------------------------------
-
-def test_ending_losses_match_scoring_each_ending_alone():
-    from ch04_pretraining.pretraining import ending_losses
-
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=50, context_length=12, n_layer=1, n_head=2, n_embd=16)).eval()
-    context, endings = [1, 2, 3, 4, 5, 6], [[7], [8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
-    totals, means = ending_losses(model, context, endings, "cpu")
-    for i, ending in enumerate(endings):
-        ids = torch.tensor([(context + ending)[-12:]])
-        with torch.no_grad():
-            logits = model(ids)[0, :-1]
-        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[-len(ending):]
-        assert totals[i].item() == pytest.approx(loss.sum().item(), abs=1e-5)
-        assert means[i].item() == pytest.approx(loss.mean().item(), abs=1e-5)
-
-
-def test_hellaswag_on_the_sample():
-    from ch04_pretraining.pretraining import evaluate_hellaswag, hellaswag_rows
-
-    rows = hellaswag_rows(fetch("hellaswag-val-sample"))
-    assert len(rows) == 1000 and all(len(r["endings"]) == 4 for r in rows)
-    torch.manual_seed(0)
-    tokenizer = GPT2Tokenizer()
-    model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, n_layer=1, n_head=2, n_embd=16))
-    result = evaluate_hellaswag(model, tokenizer, rows[:40], "cpu")
-    assert result["n"] == 40 and result["skipped"] == 0 and 0 <= result["acc_norm"] <= 1
-    chars = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
-    model = GPTModel(GPTConfig(vocab_size=chars.n_vocab, context_length=512, n_layer=1, n_head=2, n_embd=16))
-    result = evaluate_hellaswag(model, chars, rows[:40], "cpu")
-    assert result["n"] + result["skipped"] == 40 and result["skipped"] > 0
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_no_rank_crashes(tmp_path):
+    out_dir = tmp_path / "ddp"
+    proc = subprocess.Popen(torchrun("--scale", "smoke", "--max-steps", "100000", "--eval-interval", "100000",
+                                     "--out-dir", str(out_dir)),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "steps.jsonl").is_file() or not (out_dir / "steps.jsonl").read_text():
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.05)                                       # training, past the first evaluation
+    os.killpg(proc.pid, signal.SIGINT)                         # what Ctrl-C in a terminal does: the whole group
+    out, err = proc.communicate(timeout=120)
+    step = load_checkpoint(out_dir)[1]["step"]
+    assert step > 0 and f"stopped at step {step} (SIGINT)" in out, err[-3000:]
+    # torchrun's own agent reports the signal with a traceback of its own; no worker may crash
+    assert "KeyboardInterrupt" not in err and "pretraining.py" not in err, err[-3000:]
 
 
 def test_mixed_precision_branch_with_grad_scaler_runs_on_cpu(tmp_path, monkeypatch):
     """The fp16-with-GradScaler path of a T4, exercised on the CPU with bf16 autocast and a CPU scaler."""
-    from ch04_pretraining import pretraining
     from shared.device import Precision
 
     chosen = []
@@ -319,7 +576,87 @@ def test_mixed_precision_branch_with_grad_scaler_runs_on_cpu(tmp_path, monkeypat
         return Precision(torch.bfloat16, use_grad_scaler=True)
 
     monkeypatch.setattr(pretraining, "choose_precision", t4_like)
-    result = train(tiny_config(tmp_path, max_steps=8), log=lambda m: None)
+    result = train(tiny_config(tmp_path, max_steps=8), **QUIET)
     rows = read_metrics(tmp_path)
     assert chosen and rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert math.isfinite(result["val_loss"])
+
+
+def test_the_compiled_model_trains(tmp_path):
+    """The gpu preset compiles the model; the same branch runs on a CPU (inductor, a C++ compiler)."""
+    result = train(tiny_config(tmp_path, n_layer=1, max_steps=6, eval_interval=3, compile=True), **QUIET)
+    rows = read_metrics(tmp_path)
+    assert result["step"] == 6 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert "_orig_mod" not in "".join(load_file(tmp_path / "ckpt-0000006.safetensors"))    # saved unwrapped
+
+
+# ---- measuring a trained model -------------------------------------------------------------
+
+def test_ending_losses_match_scoring_each_ending_alone():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=12, n_layer=1, n_head=2, n_embd=16)).eval()
+    context, endings = [1, 2, 3, 4, 5, 6], [[7], [8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    totals, means = ending_losses(model, context, endings)
+    for i, ending in enumerate(endings):
+        ids = torch.tensor([(context + ending)[-12:]])
+        with torch.no_grad():
+            logits = model(ids)[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[-len(ending):]
+        assert totals[i].item() == pytest.approx(loss.sum().item(), abs=1e-5)
+        assert means[i].item() == pytest.approx(loss.mean().item(), abs=1e-5)
+
+
+def test_rows_that_do_not_fit_the_model_are_skipped_and_counted():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    assert ending_losses(model, [1, 2, 3], [[4] * 7, [5]]) is not None            # 7 + 1 context token fit
+    assert ending_losses(model, [1, 2, 3], [[4] * 8, [5]]) is None                # no context token left
+    assert ending_losses(model, [], [[4], [5]]) is None
+    chars = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+    rows = [{"ctx": "a cat", "endings": ["sat", "ran", "fell down", "x" * 20], "label": 0},
+            {"ctx": "a dog", "endings": ["sat", "ran", "fell", "hid"], "label": 1},
+            {"ctx": "A Dog", "endings": ["sat", "ran", "fell", "hid"], "label": 1}]
+    result = evaluate_hellaswag(model, chars, rows)
+    assert (result["n"], result["too_long"], result["unencodable"], result["skipped"]) == (1, 1, 1, 2)
+
+
+def test_hellaswag_on_the_sample():
+    rows = hellaswag_rows(fetch("hellaswag-val-sample"))
+    assert len(rows) == 1000 and all(len(r["endings"]) == 4 for r in rows)
+    torch.manual_seed(0)
+    tokenizer = TiktokenTokenizer("gpt2")
+    model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate_hellaswag(model, tokenizer, rows[:40])
+    assert result["n"] == 40 and result["skipped"] == 0 and 0 <= result["acc_norm"] <= 1
+
+
+def test_nats_per_character_is_the_token_loss_rescaled():
+    torch.manual_seed(0)
+    chars = CharTokenizer("abcd ")
+    model = GPTModel(GPTConfig(vocab_size=5, context_length=8, n_layer=1, n_head=1, n_embd=8)).eval()
+    text = "abcd dcba " * 10
+    ids = torch.tensor(chars.encode(text))
+    x, y = ids[:96].view(12, 8), ids[1:97].view(12, 8)
+    with torch.no_grad():
+        expected = model(x, y).item()                    # one character per token: the same number
+    assert nats_per_character(model, chars, text) == pytest.approx(expected, abs=1e-6)
+
+
+def test_notebook_helpers_take_the_device_from_the_model(tmp_path):
+    """Tensors made without a device land on `meta` here, while the model is on the CPU: a helper that forgets
+    to put its inputs on the model's device (as chapter 4's cells once did for a GPU model) fails."""
+    torch.manual_seed(0)
+    chars = CharTokenizer(fetch("tinyshakespeare").read_text())
+    model = GPTModel(GPTConfig(vocab_size=chars.n_vocab, context_length=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = np.asarray(chars.encode(fetch("tinyshakespeare").read_text()[:5000]), dtype=np.uint16)
+    rows = [{"ctx": "He sat down", "endings": [" and ate.", " on it.", " quickly.", " there."], "label": 0}]
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        losses = estimate_loss(model, {"val": tokens}, 2, 4, 64)
+        hellaswag = evaluate_hellaswag(model, chars, rows)
+        per_char = nats_per_character(model, chars, "ROMEO: what light through yonder window breaks? " * 3)
+        maps = attention_maps(model, torch.tensor(chars.encode("ROMEO: hello"), device=device))
+        prompt = torch.tensor([chars.encode("ROMEO:")], device=device)
+        out = generate(model, prompt, 5, top_k=3, generator=torch.Generator(device=device).manual_seed(0))
+    assert math.isfinite(losses["val"]) and hellaswag["n"] == 1 and per_char > 0
+    assert maps.shape == (1, 2, 12, 12) and out.shape == (1, 11)
