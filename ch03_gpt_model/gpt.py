@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -234,6 +235,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale, grad_weight * scale, None, None, None, None
 
 
+# Up to this many logits (16 MB in fp32) the loss computes them whole: the chunks exist to save memory and
+# traffic, and for a small vocabulary or batch their Python loop costs more than it saves.
+WHOLE_LOGITS_MAX = 1 << 22
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int = 128, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden (N, d), weight (vocab, d)) against
@@ -242,7 +248,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     It works through `chunk_size` rows at a time and, when a gradient is wanted, computes it during the
     forward pass, so the (N, vocab) logits are never stored: far less memory traffic for a 50,257-token
-    vocabulary. Under `torch.no_grad` (evaluation) it computes the loss alone.
+    vocabulary. Under `torch.no_grad` (evaluation) it computes the loss alone. When all the logits fit in
+    `WHOLE_LOGITS_MAX` numbers, it is `F.cross_entropy` on them.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, d) and targets (N,), got {tuple(hidden.shape)} "
@@ -253,6 +260,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if bad:
         raise ValueError(f"target id {targets[outside][0].item()} is outside the vocabulary "
                          f"0..{weight.shape[0] - 1} (and is not ignore_index={ignore_index})")
+    if hidden.shape[0] * weight.shape[0] <= WHOLE_LOGITS_MAX:
+        logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, keep, count, chunk_size)
     return _cross_entropy_sum(hidden, weight, targets, keep, chunk_size, with_grads=False)[0] / count

@@ -26,6 +26,14 @@ hf_logging.disable_progress_bar()
 TINY = GPTConfig(vocab_size=101, context_length=32, n_layer=2, n_head=4, n_embd=64)
 
 
+@pytest.fixture
+def chunked(monkeypatch):
+    """The chunked loss even for the small logits of these tests (they would be computed whole)."""
+    from ch03_gpt_model import gpt
+
+    monkeypatch.setattr(gpt, "WHOLE_LOGITS_MAX", 0)
+
+
 def tiny_model(seed=0, cfg=TINY):
     torch.manual_seed(seed)
     return GPTModel(cfg).eval()
@@ -284,7 +292,7 @@ def test_flops_per_token():
     assert flops_per_token(cfg, seq=0, n_params=10) == 60
 
 
-def test_linear_cross_entropy_matches_pytorch_in_value_and_gradients():
+def test_linear_cross_entropy_matches_pytorch_in_value_and_gradients(chunked):
     from ch03_gpt_model.gpt import linear_cross_entropy
 
     torch.manual_seed(0)
@@ -319,7 +327,7 @@ def _loss_case(dtype=torch.float32, seed=0):
     return hidden, weight, targets
 
 
-def test_ignore_index_like_pytorch_in_value_and_gradients():
+def test_ignore_index_like_pytorch_in_value_and_gradients(chunked):
     from ch03_gpt_model.gpt import linear_cross_entropy
 
     hidden, weight, targets = _loss_case()
@@ -339,7 +347,7 @@ def test_ignore_index_like_pytorch_in_value_and_gradients():
     assert model(x, y).item() == pytest.approx(plain.item(), abs=1e-5)
 
 
-def test_evaluation_computes_the_loss_alone(monkeypatch):
+def test_evaluation_computes_the_loss_alone(monkeypatch, chunked):
     from ch03_gpt_model import gpt
 
     calls = []
@@ -358,7 +366,7 @@ def test_evaluation_computes_the_loss_alone(monkeypatch):
     assert calls == [False, True] and evaluated.item() == pytest.approx(trained.item(), abs=1e-6)
 
 
-def test_float64_models_get_float64_losses_and_gradients():
+def test_float64_models_get_float64_losses_and_gradients(chunked):
     from ch03_gpt_model.gpt import linear_cross_entropy
 
     hidden, weight, targets = _loss_case(torch.float64)
@@ -485,3 +493,17 @@ def test_activation_bytes_per_layer_are_what_autograd_keeps(precision, dtype):
     # what 2 more layers keep for 2 more sequences: the embeddings, the loss and autocast's weight copies cancel
     per_layer = (measured[3, 4] - measured[3, 2] - measured[1, 4] + measured[1, 2]) / (2 * 2 * 64 * 96)
     assert per_layer == pytest.approx(ACTIVATION_BYTES[precision], rel=0.05)
+
+
+def test_small_logits_are_computed_whole_and_agree(monkeypatch):
+    from ch03_gpt_model import gpt
+
+    hidden, weight, targets = _loss_case()
+    targets[:5] = -100
+    whole = gpt.linear_cross_entropy(hidden, weight, targets)
+    whole_grads = torch.autograd.grad(whole, [hidden, weight])
+    monkeypatch.setattr(gpt, "WHOLE_LOGITS_MAX", 0)
+    chunks = gpt.linear_cross_entropy(hidden, weight, targets)
+    chunk_grads = torch.autograd.grad(chunks, [hidden, weight])
+    assert whole.item() == pytest.approx(chunks.item(), abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole_grads, chunk_grads))
