@@ -136,7 +136,7 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"error: {flag(err.field)}: {err.message}", file=sys.stderr)
         return 1
-    except (TrainingDiverged, CheckpointError, ValueError) as err:
+    except (TrainingDiverged, FileNotFoundError, ValueError) as err:     # FileNotFoundError: offline data too
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 130 if result["interrupted"] else 0

@@ -217,6 +217,19 @@ def test_bad_data_is_named_in_the_callers_terms(tmp_path):
     assert proc.returncode == 1 and err.startswith("error: --data: ") and "Traceback" not in err
 
 
+def test_data_that_cannot_be_had_offline_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from ch04_pretraining.__main__ import main
+    from shared import data
+
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(data.MIRROR_ENV, raising=False)
+    gone = data.DataFile("gone", "gone.txt", ((tmp_path / "nowhere.txt").as_uri(),), "0" * 64)
+    monkeypatch.setitem(data.REGISTRY, "gone", gone)
+    assert main(["--scale", "smoke", "--data", "gone", "--out-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not get data file 'gone'") and "Place gone.txt in" in err
+
+
 def test_a_chapter_1_tokenizer_file_trains_and_is_kept_with_the_run(tmp_path):
     text = fetch("tinyshakespeare").read_text()[:200_000]
     (tmp_path / "text.txt").write_text(text)
