@@ -562,6 +562,8 @@ class BPETokenizer(Tokenizer):
         return cls(ranks, specials, merges=merges)
 
 
+# ---- GPT-2's tokenizer, in our code ----------------------------------------------------------------------
+
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding ("gpt2", "cl100k_base", ...) behind this book's interface: with GPT-2's files,
     the same ids as `BPETokenizer.from_gpt2`, computed in Rust and in parallel for batches."""

@@ -192,6 +192,8 @@ class GPTModel(nn.Module):
         return directory
 
 
+# ---- A loss that never stores the logits -----------------------------------------------------------------
+
 def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
                        chunk_size: int, with_grads: bool):
     """Sum over the kept rows of CE(hidden @ weight.T, targets), chunk by chunk, and with `with_grads` the

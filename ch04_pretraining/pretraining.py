@@ -199,7 +199,7 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-# ---- A training run, piece by piece ----------------------------------------------------------------------
+# ---- The settings ----------------------------------------------------------------------------------------
 
 def knob(default, help: str):
     """A `TrainConfig` field with its one-line description (the command line's --help shows it)."""
@@ -284,6 +284,8 @@ class TrainConfig:
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
                          tie_embeddings=self.tie_embeddings, init_std=self.init_std or None)
 
+
+# ---- One run per folder ----------------------------------------------------------------------------------
 
 CHECKPOINT_POINTER = "latest.json"
 METRICS_FILE = "metrics.jsonl"       # one row per evaluation
@@ -372,6 +374,8 @@ def _alive(owner: dict) -> bool:
         return True
     return True
 
+
+# ---- Checkpoints -----------------------------------------------------------------------------------------
 
 class CheckpointError(FileNotFoundError):
     """No checkpoint in a run folder could be read."""
@@ -473,6 +477,8 @@ def load_weights(model: GPTModel, weights: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(weights)
 
 
+# ---- What a run writes down ------------------------------------------------------------------------------
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a file with one per line. A line that does not parse (the last line of a run
     that was killed mid-write, say) is skipped with a warning that names the file and the line."""
@@ -515,6 +521,8 @@ def _keep_rows_before(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+# ---- Evaluation ------------------------------------------------------------------------------------------
+
 @torch.no_grad()
 def estimate_loss(model: nn.Module, splits: dict, eval_iters: int, batch_size: int, context_length: int,
                   precision: Precision | None = None, seed: int = 0) -> dict[str, float]:
@@ -540,6 +548,8 @@ def estimate_loss(model: nn.Module, splits: dict, eval_iters: int, batch_size: i
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
+
+# ---- One optimizer step ----------------------------------------------------------------------------------
 
 def micro_batches(tokens, starts: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> list:
     """This process's `grad_accum` (inputs, targets) micro-batches of the step's global batch."""
@@ -578,6 +588,8 @@ def apply_update(model: nn.Module, optimizer, scaler, lr: float, grad_clip: floa
     return grad_norm
 
 
+# ---- A schedule that fits a time budget ------------------------------------------------------------------
+
 FIT_STEPS = (10, 40)   # a run with a time budget times these steps to fit its schedule
 
 
@@ -590,6 +602,8 @@ def steps_within_budget(step: int, seconds_per_step: float, seconds_left: float,
     affordable = int((margin * seconds_left - eval_seconds) / per_step)
     return max(step + 1, min(max_steps, step + affordable))
 
+
+# ---- Several processes, and stopping cleanly -------------------------------------------------------------
 
 def distributed_context() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
@@ -646,6 +660,8 @@ class StopRequests:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+
+# ---- Putting it together ---------------------------------------------------------------------------------
 
 def load_data(cfg: TrainConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
     """(tokenizer, train tokens, validation tokens) for the run's data and tokenizer.
@@ -951,6 +967,8 @@ def print_above_progress(message: str) -> None:
     """Print a line to stdout without breaking the progress bar on stderr."""
     tqdm.write(message, file=sys.stdout)
 
+
+# ---- Presets ---------------------------------------------------------------------------------------------
 
 def fit_micro_batch(model_cfg: GPTConfig, memory_bytes: float, global_batch: int, mixed_precision: bool = True,
                     headroom: float = 0.8) -> tuple[int, int]:

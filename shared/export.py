@@ -5,9 +5,9 @@
 
 The notebook is the source. A code cell whose first line is ``#| export`` is copied, in order and
 without that line, into the chapter's module under a header that says so. The module's docstring is
-the one its first export cell opens with; where a notebook section (a ``## `` heading) starts a new
-group of export cells, the module gets a banner with that section's title, so the file reads in the
-notebook's order. Modules are never edited by hand: edit the notebook, then export.
+the one its first export cell opens with; where a notebook section (a ``## `` or ``### `` heading) starts
+a new group of export cells, the module gets a banner with that section's title, so the file reads in
+the notebook's order. Modules are never edited by hand: edit the notebook, then export.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def _is_mark(first_line: str, notebook: Path, index: int) -> bool:
 
 
 def _section_title(markdown: str) -> str | None:
-    """The title of the last ``## `` heading in a markdown cell, without its number."""
-    titles = [line[3:].strip() for line in markdown.splitlines() if line.startswith("## ")]
+    """The title of the last ``## `` or ``### `` heading in a markdown cell, without its number."""
+    titles = [line.lstrip("#").strip() for line in markdown.splitlines() if line.startswith(("## ", "### "))]
     return re.sub(r"^\d+(\.\d+)*\.?\s+", "", titles[-1]) if titles else None
 
 

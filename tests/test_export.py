@@ -7,10 +7,11 @@ from shared import export
 
 
 def make_notebook(path, sources):
-    """A notebook of code cells; a source starting with "## " becomes a markdown cell."""
+    """A notebook of code cells; a source starting with "## " or "### " becomes a markdown cell."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Title")] + [
-        nbformat.v4.new_markdown_cell(s) if s.startswith("## ") else nbformat.v4.new_code_cell(s) for s in sources]
+        nbformat.v4.new_markdown_cell(s) if s.startswith(("## ", "### ")) else nbformat.v4.new_code_cell(s)
+        for s in sources]
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
 
@@ -84,11 +85,13 @@ def test_module_reads_as_a_file_docstring_first_then_section_banners(tmp_path):
     nb = tmp_path / "ch02_attention" / "ch02_attention.ipynb"
     make_notebook(nb, ['#| export\n"""What this module is."""\nimport math', "## 1. Scores",
                        "#| export\ndef score():\n    return 1", "#| export\ndef more():\n    return 2",
-                       "## 2. Heads", "x = 0", "#| export\nclass Head:\n    pass"])
+                       "## 2. Heads", "x = 0", "#| export\nclass Head:\n    pass", "### Many heads",
+                       "#| export\nclass Heads:\n    pass"])
     export.export_all(tmp_path)
     module = tmp_path / "ch02_attention" / "attention.py"
     text = module.read_text()
-    assert text.count("# ---- ") == 2
+    assert text.count("# ---- ") == 3
     assert text.index("# ---- Scores ") < text.index("def score") < text.index("def more") < text.index("# ---- Heads ")
+    assert text.index("class Head:") < text.index("# ---- Many heads ") < text.index("class Heads:")
     import ast
     assert ast.get_docstring(ast.parse(text)) == "What this module is."
