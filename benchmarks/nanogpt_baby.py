@@ -44,7 +44,7 @@ NANOGPT_FLAGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=
 @torch.no_grad()
 def full_validation_loss(out_dir: Path) -> float:
     model, _, state = load_run(out_dir)
-    _, _, val_tokens = load_data(TrainConfig(**state["config"]))
+    _, _, val_tokens = load_data(TrainConfig.from_dict(state["config"]))
     ids = torch.from_numpy(val_tokens.astype("int64"))
     context = model.cfg.context_length
     windows = (len(ids) - 1) // context

@@ -70,8 +70,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool, bool]:
     base = scale_preset(args.scale)
     saved = Path(overrides.get("out_dir", base.out_dir)) / CONFIG_FILE
     if args.resume and saved.is_file():
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        base = TrainConfig(**{k: v for k, v in json.loads(saved.read_text()).items() if k in known})
+        base = TrainConfig.from_dict(json.loads(saved.read_text()))
     try:
         cfg = dataclasses.replace(base, **overrides)
     except ConfigError as err:

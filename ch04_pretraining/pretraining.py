@@ -277,6 +277,13 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError("device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """The config an earlier run saved (its config.json, or a checkpoint's state): fields it lacks take
+        their defaults, fields this version no longer has are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in saved.items() if name in known})
+
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model for a tokenizer of `vocab_size` ids, its vocabulary padded up to `vocab_multiple`."""
         padded = -(-vocab_size // self.vocab_multiple) * self.vocab_multiple
@@ -696,8 +703,7 @@ def load_run(out_dir: str | Path, device="cpu") -> tuple[GPTModel, Tokenizer, di
     """The model of a run's newest readable checkpoint, in evaluation mode on `device`, with the run's
     tokenizer and the checkpoint's state (step, config, ...)."""
     weights, state = load_checkpoint(out_dir)
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    cfg = TrainConfig.from_dict(state["config"])
     tokenizer = Tokenizer.load(Path(out_dir) / TOKENIZER_FILE)
     model = GPTModel(cfg.model_config(tokenizer.n_vocab))
     load_weights(model, weights)

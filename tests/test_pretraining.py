@@ -306,6 +306,8 @@ def test_checkpoints_from_before_a_config_field_existed_still_load(tmp_path):
     del state["config"]["tie_embeddings"], state["config"]["init_std"]
     torch.save(state, state_file)
     load_checkpoint(tmp_path, tiny_config(tmp_path))
+    assert load_run(tmp_path)[0].cfg.tie_embeddings                        # the missing field's default
+    assert TrainConfig.from_dict({**state["config"], "a_field_of_the_future": 1}).n_embd == 32
     with pytest.raises(ConfigError, match="tie_embeddings: checkpoint True, now False"):
         load_checkpoint(tmp_path, tiny_config(tmp_path, tie_embeddings=False))
 
