@@ -5,10 +5,13 @@
 
 - `Tokenizer`: the interface every tokenizer of the book follows (encode, decode, special tokens,
   save and load), with `CharTokenizer`, `BPETokenizer` (GPT-2's byte-level BPE, trainable, and
-  `from_gpt2`: GPT-2's exact vocabulary) and `TiktokenTokenizer` (tiktoken's Rust speed, same interface).
+  `from_gpt2`: GPT-2's exact vocabulary; `from_tiktoken` and `from_gguf`: other models' files) and
+  `TiktokenTokenizer` (tiktoken's Rust speed, same interface).
 - BPE's pieces: `split_into_chunks`, `merge_pair`, `learn_merges`, `merge_chunk`, `derive_merges`.
 - `GPTDataset` and `create_dataloader`: next-token (input, target) windows.
 """
+import base64
+import binascii
 import heapq
 import json
 import os
@@ -293,16 +296,20 @@ class Tokenizer:
             raise ValueError(f"{path} is not a tokenizer saved by {expected}.save: {err}") from err
 
 
-def check_special_tokens(special_tokens: dict[str, int], taken: int) -> dict[str, int]:
-    """`special_tokens` if every token is a non-empty string with an id of its own at `taken` or above."""
+def check_special_tokens(special_tokens: dict[str, int], taken: int | Collection[int]) -> dict[str, int]:
+    """`special_tokens` if every token is a non-empty string with an id of its own, none of them `taken`
+    (an int n stands for the ids 0..n-1; or the set of ids ordinary tokens use)."""
     if not isinstance(special_tokens, dict):
         raise ValueError(f"special_tokens must be a dict of token string -> id, got {special_tokens!r}")
+    is_taken = (lambda i: i < taken) if isinstance(taken, int) else (lambda i: i in taken)
+    described = f"0..{taken - 1}" if isinstance(taken, int) else f"{len(taken):,} ids from {min(taken)} to {max(taken)}"
     for token, i in special_tokens.items():
         if not isinstance(token, str) or not token:
             raise ValueError(f"a special token must be a non-empty string, got {token!r}")
-        if isinstance(i, bool) or not isinstance(i, int) or i < taken or list(special_tokens.values()).count(i) > 1:
-            raise ValueError(f"special token {token!r} has id {i!r}, which is already taken (ordinary ids are "
-                             f"0..{taken - 1}, and each special token needs an id of its own)")
+        if (isinstance(i, bool) or not isinstance(i, int) or i < 0 or is_taken(i)
+                or list(special_tokens.values()).count(i) > 1):
+            raise ValueError(f"special token {token!r} has id {i!r}, which is already taken (ordinary tokens "
+                             f"use {described}, and each special token needs an id of its own)")
     return dict(special_tokens)
 
 
@@ -413,9 +420,9 @@ class BPETokenizer(Tokenizer):
     """A byte-level BPE tokenizer: GPT-2's algorithm, and with `from_gpt2`, GPT-2's exact vocabulary.
 
     Besides the interface of `Tokenizer` it holds:
-    - `ranks`: token bytes -> id, the ids 0..n-1 each used once; a merged token's id is higher than the
-      ids of the two tokens it was merged from (in GPT-2 the 256 single bytes take ids 0-255, though not
-      in byte order);
+    - `ranks`: token bytes -> id, each id used once; a merged token's id is higher than the ids of the two
+      tokens it was merged from (in GPT-2 the 256 single bytes take ids 0-255, though not in byte order;
+      other vocabularies put their special tokens first, or leave out bytes that UTF-8 never uses);
     - `merges`: the training merges in order, ((left id, right id), merged id);
     - `pattern`: the regex that pre-splits text; merges never cross its boundaries.
 
@@ -424,13 +431,13 @@ class BPETokenizer(Tokenizer):
     """
 
     FORMAT = "llm-from-scratch-bpe"
-    VERSION = 2                 # version 1 files had no merges; they load, and the merges are derived
+    VERSION = 3      # 1 had no merges (they are derived on loading), 2 no gaps between ids (3 writes None)
 
     def __init__(self, ranks: dict[bytes, int] | None = None, special_tokens: dict[str, int] | None = None,
                  pattern: str = GPT2_SPLIT_PATTERN, merges: list[tuple[Pair, int]] | None = None):
         ranks = {bytes([b]): b for b in range(256)} if ranks is None else dict(ranks)
-        if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError("token ids must be the contiguous range 0..n-1, each used once")
+        if len(set(ranks.values())) != len(ranks) or not all(isinstance(i, int) and i >= 0 for i in ranks.values()):
+            raise ValueError("token ids must be integers >= 0, each used once")
         self.ranks = ranks
         self.vocab: dict[int, bytes] = {i: tok for tok, i in ranks.items()}
         self.pattern = pattern
@@ -439,14 +446,15 @@ class BPETokenizer(Tokenizer):
         self._set_special_tokens(special_tokens or {})
 
     def _set_special_tokens(self, special_tokens: dict[str, int]) -> None:
-        self.special_tokens = check_special_tokens(special_tokens, taken=len(self.ranks))
+        self.special_tokens = check_special_tokens(special_tokens, taken=set(self.vocab))
         self.special_by_id = {i: token.encode("utf-8") for token, i in self.special_tokens.items()}
+        self._n_vocab = 1 + max([-1, *self.vocab, *self.special_tokens.values()])
         self._cache: dict[str, list[int]] = {}
 
     @property
     def n_vocab(self) -> int:
         """One more than the largest id, special tokens included (tiktoken's definition)."""
-        return max([len(self.ranks), *(i + 1 for i in self.special_tokens.values())])
+        return self._n_vocab
 
     @property
     def merges(self) -> list[tuple[Pair, int]]:
@@ -504,11 +512,20 @@ class BPETokenizer(Tokenizer):
         for chunk in split_into_chunks(text, self.pattern):
             chunk_ids = cache.get(chunk)
             if chunk_ids is None:
-                chunk_ids = [ranks[part] for part in merge_chunk(chunk.encode("utf-8"), ranks)]
+                chunk_ids = self._encode_chunk(chunk, ranks)
                 if len(cache) < 200_000:
                     cache[chunk] = chunk_ids
             ids.extend(chunk_ids)
         return ids
+
+    @staticmethod
+    def _encode_chunk(chunk: str, ranks: dict[bytes, int]) -> list[int]:
+        parts = merge_chunk(chunk.encode("utf-8"), ranks)
+        try:
+            return [ranks[part] for part in parts]
+        except KeyError as missing:
+            raise ValueError(f"this vocabulary has no token for the byte {missing} in {chunk!r} (some "
+                             f"vocabularies leave out bytes that rarely or never occur in UTF-8 text)") from None
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes that one id stands for."""
@@ -524,17 +541,18 @@ class BPETokenizer(Tokenizer):
 
     # ---- files ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """Tokens as hex bytes in id order, merges, special tokens and the split pattern."""
-        return {"version": self.VERSION, "pattern": self.pattern,
-                "tokens": [self.vocab[i].hex() for i in range(len(self.vocab))],
+        """Tokens as hex bytes in id order (None for an id that is not an ordinary token), merges, special
+        tokens and the split pattern."""
+        tokens = [self.vocab[i].hex() if i in self.vocab else None for i in range(1 + max(self.vocab, default=-1))]
+        return {"version": self.VERSION, "pattern": self.pattern, "tokens": tokens,
                 "merges": [[left, right, new] for (left, right), new in self.merges],
                 "special_tokens": self.special_tokens}
 
     @classmethod
     def from_dict(cls, data: dict) -> "BPETokenizer":
-        if data.get("version") not in (1, cls.VERSION):
+        if data.get("version") not in (1, 2, cls.VERSION):
             raise ValueError(f"version {data.get('version')!r} is not {cls.VERSION}")
-        ranks = {bytes.fromhex(tok): i for i, tok in enumerate(data["tokens"])}
+        ranks = {bytes.fromhex(tok): i for i, tok in enumerate(data["tokens"]) if tok is not None}
         merges = [((int(a), int(b)), int(c)) for a, b, c in data["merges"]] if "merges" in data else None
         return cls(ranks, {str(t): int(i) for t, i in data["special_tokens"].items()}, data["pattern"], merges)
 
@@ -547,22 +565,94 @@ class BPETokenizer(Tokenizer):
         """
         encoder_json = fetch("gpt2-encoder") if encoder_json is None else encoder_json
         vocab_bpe = fetch("gpt2-vocab-bpe") if vocab_bpe is None else vocab_bpe
-        byte_of = {char: b for b, char in bytes_to_unicode().items()}
         encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
         specials = {tok: i for tok, i in encoder.items() if tok.startswith("<|") and tok.endswith("|>")}
-        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok not in specials}
+        tokens = {tok: i for tok, i in encoder.items() if tok not in specials}
         lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
-        merges = []
-        for k, line in enumerate(line for line in lines[1:] if line.strip()):
+        merge_lines = [line for line in lines[1:] if line.strip()]
+        try:
+            return cls.from_byte_level(tokens, merge_lines, specials)
+        except ValueError as err:
+            raise ValueError(f"{vocab_bpe} does not match {encoder_json}: {err}") from None
+
+    @classmethod
+    def from_byte_level(cls, tokens: dict[str, int], merges: list[str], special_tokens: dict[str, int],
+                        pattern: str = GPT2_SPLIT_PATTERN) -> "BPETokenizer":
+        """A tokenizer from a vocabulary spelled with GPT-2's printable byte characters (`bytes_to_unicode`)
+        and its merges ("left right", in training order): the form of GPT-2's files, of Hugging Face's
+        tokenizer.json and of GGUF. Merge k must make a token with a higher id than merge k - 1 made, so that
+        merging by lowest id (this class's rule, and tiktoken's) is merging in training order."""
+        byte_of = {char: b for b, char in bytes_to_unicode().items()}
+        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in tokens.items()}
+        pairs, made = [], -1
+        for k, line in enumerate(merges):
             left, right = (bytes(byte_of[c] for c in part) for part in line.split(" "))
-            if ranks.get(left + right) != 256 + k:
-                raise ValueError(f"{vocab_bpe} does not match {encoder_json}: merge {k} ({line!r}) "
-                                 f"should make token {256 + k}")
-            merges.append(((ranks[left], ranks[right]), 256 + k))
-        return cls(ranks, specials, merges=merges)
+            new = ranks.get(left + right)
+            if left not in ranks or right not in ranks or new is None or new <= made:
+                raise ValueError(f"merge {k} ({line!r}) does not make a token with a higher id than merge "
+                                 f"{k - 1} made ({made})")
+            pairs.append(((ranks[left], ranks[right]), new))
+            made = new
+        return cls(ranks, special_tokens, pattern, merges=pairs)
+
+    @classmethod
+    def from_tiktoken(cls, path: str | os.PathLike, pattern: str,
+                      special_tokens: dict[str, int] | None = None) -> "BPETokenizer":
+        """A tokenizer from a tiktoken BPE file: one "base64(token bytes) id" line per token. OpenAI's
+        encodings and Llama 3's `tokenizer.model` are written this way. The file holds neither the split
+        pattern nor the special tokens: pass them (`CL100K_SPLIT_PATTERN`, `LLAMA3_SPLIT_PATTERN`)."""
+        ranks = {}
+        for number, line in enumerate(Path(path).read_text(encoding="ascii").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}, line {number}: expected 'base64-token id', got {line[:60]!r}") from None
+        return cls(ranks, special_tokens or {}, pattern)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "BPETokenizer":
+        """The byte-level BPE tokenizer stored in a GGUF model file's metadata (chapter 6): its tokens, merges,
+        special (control) tokens, and the split pattern its `tokenizer.ggml.pre` names. Needs the `gguf`
+        package."""
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+
+        def value(key: str):
+            if key not in fields:
+                raise ValueError(f"{path} has no {key!r} in its metadata")
+            return fields[key].contents()
+
+        if value("tokenizer.ggml.model") != "gpt2":
+            raise ValueError(f"{path} holds a {value('tokenizer.ggml.model')!r} tokenizer, not byte-level BPE "
+                             f"('gpt2')")
+        pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else "gpt-2"
+        if pre not in GGUF_SPLIT_PATTERNS:
+            raise ValueError(f"{path} splits text the way {pre!r} does, which this tokenizer does not know; "
+                             f"known: {sorted(GGUF_SPLIT_PATTERNS)}")
+        kinds = value("tokenizer.ggml.token_type")
+        tokens, specials = {}, {}
+        for i, (token, kind) in enumerate(zip(value("tokenizer.ggml.tokens"), kinds)):
+            (specials if kind in (GGUF_CONTROL, GGUF_USER_DEFINED) else tokens)[token] = i
+        return cls.from_byte_level(tokens, value("tokenizer.ggml.merges"), specials, GGUF_SPLIT_PATTERNS[pre])
 
 
-# ---- GPT-2's tokenizer, in our code ----------------------------------------------------------------------
+# The split patterns of other tokenizers (facts from their sources: tiktoken's cl100k_base, Meta's Llama 3).
+CL100K_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                        r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+CL100K_SPECIAL_TOKENS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                         "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+# GGUF's `tokenizer.ggml.pre` names -> pattern; token types 3 and 4 mark special tokens.
+GGUF_SPLIT_PATTERNS = {"gpt-2": GPT2_SPLIT_PATTERN, "smollm": GPT2_SPLIT_PATTERN, "llama-bpe": LLAMA3_SPLIT_PATTERN}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+
+# ---- Other models' vocabularies --------------------------------------------------------------------------
 
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding ("gpt2", "cl100k_base", ...) behind this book's interface: with GPT-2's files,

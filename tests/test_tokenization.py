@@ -7,7 +7,10 @@ import tiktoken
 import torch
 
 from ch01_tokenization.tokenization import (
+    CL100K_SPECIAL_TOKENS,
+    CL100K_SPLIT_PATTERN,
     GPT2_SPLIT_PATTERN,
+    LLAMA3_SPLIT_PATTERN,
     BPETokenizer,
     CharTokenizer,
     GPTDataset,
@@ -161,6 +164,64 @@ def test_merges_derived_from_ranks_equal_gpt2s_vocab_bpe(gpt2):
 
 
 # ---- one interface for every tokenizer ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cl100k():
+    return BPETokenizer.from_tiktoken(fetch("cl100k-base"), CL100K_SPLIT_PATTERN, CL100K_SPECIAL_TOKENS)
+
+
+def test_from_tiktoken_gives_cl100k_base_ids(cl100k, verdict):
+    reference = tiktoken.get_encoding("cl100k_base")
+    assert cl100k.n_vocab == reference.n_vocab and cl100k.special_tokens == {
+        token: reference.encode_single_token(token) for token in reference.special_tokens_set}
+    texts = [verdict, "In 2024: 1234567 tokens... (really?)  \n\n  x", *random_texts(3, 300)]
+    texts += [t + "<|endoftext|>" + t[::-1] + "<|fim_middle|>" for t in texts[:50]]
+    for text in texts:
+        assert cl100k.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all"), text
+
+
+def test_from_tiktoken_round_trips_through_save(cl100k, tmp_path):
+    reloaded = Tokenizer.load(cl100k.save(tmp_path / "cl100k.json"))
+    text = "Ünïcode, digits 98765 and <|endofprompt|>"
+    assert reloaded.encode(text, allowed_special="all") == cl100k.encode(text, allowed_special="all")
+    assert reloaded.merges == cl100k.merges
+
+
+def test_from_tiktoken_names_a_bad_line(tmp_path):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("IQ== 0\nnot-base64! 1\n", encoding="ascii")
+    with pytest.raises(ValueError, match="line 2"):
+        BPETokenizer.from_tiktoken(bad, GPT2_SPLIT_PATTERN)
+
+
+def test_llama3_pattern_splits_like_cl100k_on_ordinary_text(verdict):
+    """Llama 3's pattern is cl100k's without possessive quantifiers: the same chunks on ordinary text."""
+    assert split_into_chunks(verdict, LLAMA3_SPLIT_PATTERN) == split_into_chunks(verdict, CL100K_SPLIT_PATTERN)
+    assert split_into_chunks("12345 it's", LLAMA3_SPLIT_PATTERN) == ["123", "45", " it", "'s"]
+
+
+def test_ids_with_gaps_and_missing_bytes():
+    """Special tokens before the ordinary ones, and a vocabulary without some bytes (SmolLM2's layout)."""
+    ranks = {bytes([b]): 10 + b for b in range(256) if b != 4}
+    ranks[b"ab"] = 300
+    tok = BPETokenizer(ranks, {"<|s|>": 0, "<|e|>": 1})
+    assert tok.n_vocab == 301 and tok.encode("ab<|e|>", allowed_special="all") == [300, 1]
+    data = tok.to_dict()
+    assert data["tokens"][:3] == [None, None, None]               # ids 0..9 are not ordinary tokens
+    reloaded = BPETokenizer.from_dict(data)
+    assert reloaded.ranks == tok.ranks and reloaded.special_tokens == tok.special_tokens
+    with pytest.raises(ValueError, match="no token for the byte"):
+        tok.encode("a\x04b")
+    with pytest.raises(ValueError, match="already taken"):
+        BPETokenizer(ranks, {"<|x|>": 300})
+
+
+def test_from_byte_level_refuses_merges_out_of_id_order():
+    tokens = {"a": 0, "b": 1, "c": 2, "ab": 4, "bc": 3}
+    assert BPETokenizer.from_byte_level(tokens, ["b c", "a b"], {}).encode("abc") == [0, 3]
+    with pytest.raises(ValueError, match="merge 1"):
+        BPETokenizer.from_byte_level(tokens, ["a b", "b c"], {})
+
 
 def test_char_tokenizer_follows_the_interface(tmp_path):
     tok = CharTokenizer("hello world")
