@@ -302,12 +302,13 @@ def check_special_tokens(special_tokens: dict[str, int], taken: int | Collection
     if not isinstance(special_tokens, dict):
         raise ValueError(f"special_tokens must be a dict of token string -> id, got {special_tokens!r}")
     is_taken = (lambda i: i < taken) if isinstance(taken, int) else (lambda i: i in taken)
-    described = f"0..{taken - 1}" if isinstance(taken, int) else f"{len(taken):,} ids from {min(taken)} to {max(taken)}"
     for token, i in special_tokens.items():
         if not isinstance(token, str) or not token:
             raise ValueError(f"a special token must be a non-empty string, got {token!r}")
         if (isinstance(i, bool) or not isinstance(i, int) or i < 0 or is_taken(i)
                 or list(special_tokens.values()).count(i) > 1):
+            described = (f"0..{taken - 1}" if isinstance(taken, int)
+                         else f"{len(taken):,} ids from {min(taken)} to {max(taken)}")
             raise ValueError(f"special token {token!r} has id {i!r}, which is already taken (ordinary tokens "
                              f"use {described}, and each special token needs an id of its own)")
     return dict(special_tokens)

@@ -437,3 +437,8 @@ def test_dataloader_batches_and_seeded_shuffle():
     ordered = create_dataloader(ids, batch_size=8, max_length=16, stride=16, shuffle=False)
     assert next(iter(ordered))[0][0].tolist() == list(range(16))
     assert len(ordered) == (1000 - 16 + 15) // 16 // 8  # drop_last
+
+
+def test_an_empty_vocabulary_with_special_tokens_only():
+    tok = BPETokenizer({}, {"<|x|>": 0})
+    assert tok.n_vocab == 1 and tok.encode("<|x|>", allowed_special="all") == [0]
