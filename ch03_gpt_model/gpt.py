@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch02_attention.attention import MultiHeadAttention
+from shared.config import ConfigError, knob
 from shared.data import DataFile, fetch, register
 from shared.files import atomic_write
 
@@ -33,33 +34,36 @@ from shared.files import atomic_write
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The shape of a GPT-2 model. Checked on construction."""
+    """The shape of a GPT-2 model. Checked on construction: a bad value is a `ConfigError` (a ValueError)
+    naming the field. Each field carries a line of help, which chapter 4's command line shows."""
 
-    vocab_size: int = 50257
-    context_length: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True    # the output head reuses the token embedding (GPT-2 does)
-    init_std: float | None = None  # None: GPT-2's 0.02 at width 768, scaled as 1 / sqrt(n_embd)
-    norm_eps: float = 1e-5         # the layer norms' epsilon (Hugging Face's layer_norm_epsilon)
+    vocab_size: int = knob(50257, "token ids the model reads and predicts")
+    context_length: int = knob(1024, "tokens the model sees at once")
+    n_layer: int = knob(12, "transformer blocks")
+    n_head: int = knob(12, "attention heads per block")
+    n_embd: int = knob(768, "width of the residual stream")
+    dropout: float = knob(0.0, "dropout probability", resumable=True)
+    bias: bool = knob(True, "biases in the linear layers and layer norms")
+    tie_embeddings: bool = knob(True, "the output layer reuses the token embedding (GPT-2 does)")
+    init_std: float | None = knob(None, "initial weight std; none: 0.02 at width 768, scaled as 1 / sqrt(n_embd)",
+                                  resumable=True)
+    norm_eps: float = knob(1e-5, "the layer norms' epsilon (Hugging Face's layer_norm_epsilon)")
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise ConfigError(name, f"must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                             f"each head gets n_embd / n_head dimensions")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.init_std is not None and not self.init_std > 0:
-            raise ValueError(f"init_std must be positive (or None for the width-scaled default), got {self.init_std}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+            raise ConfigError("n_head", f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                                        f"each head gets n_embd / n_head dimensions")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            raise ConfigError("init_std", f"must be positive (or None for the width-scaled default), "
+                                          f"got {self.init_std!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps!r}")
 
     @property
     def weight_std(self) -> float:

@@ -1,11 +1,12 @@
-"""Chapter 4's command line: train a GPT, or generate text from a trained run.
+"""Chapter 4's command line: train a GPT or a Llama, or generate text from a trained run.
 
-    python -m ch04_pretraining [--scale cpu] [--FIELD VALUE ...] [--resume | --overwrite]
+    python -m ch04_pretraining [--scale cpu] [--arch gpt|llama] [--FIELD VALUE ...] [--resume | --overwrite]
     python -m ch04_pretraining sample --out-dir DIR [--prompt TEXT] [--max-new-tokens N] ...
     torchrun --nproc_per_node=N -m ch04_pretraining [...]
 
-Training starts from a scale's preset (`--scale`, default cpu: nanoGPT's baby Shakespeare run) and takes
-any TrainConfig field as a flag; `--resume` continues the run in --out-dir with the settings it started
+Training starts from a scale's preset (`--scale`, default cpu: nanoGPT's baby Shakespeare run) for an
+architecture (`--arch`: gpt, chapter 3, or llama, chapter 6), and takes any TrainConfig field and any field of
+the architecture's config as a flag; `--resume` continues the run in --out-dir with the settings it started
 with (flags given override them).
 """
 
@@ -20,12 +21,15 @@ import torch
 
 from ch03_gpt_model.gpt import generate
 from ch04_pretraining.pretraining import (
+    ARCHITECTURES,
     CONFIG_FILE,
     CheckpointError,
     ConfigError,
     TrainConfig,
     TrainingDiverged,
+    fitted_to_gpu,
     load_run,
+    model_settings,
     scale_preset,
     train,
 )
@@ -38,41 +42,89 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def train_parser() -> argparse.ArgumentParser:
-    defaults = scale_preset("cpu")
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0] + " Defaults shown are the "
-                                     "cpu preset's; --scale picks another preset.")
+def _flag_type(annotation):
+    """argparse's type for a field's annotation; None for a setting no flag can hold (a nested config)."""
+    name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    if name in ("bool", "bool | None"):
+        return bool
+    for text, kind in (("int", int), ("float", float), ("str", str)):
+        if name in (text, f"{text} | None"):
+            return kind
+    return None
+
+
+def _add_flag(parser: argparse.ArgumentParser, field, default) -> None:
+    kind = _flag_type(field.type)
+    help_text = f"{field.metadata['help']} (default: {default})"
+    if kind is bool:
+        parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        parser.add_argument(flag(field.name), type=kind, default=None, metavar=field.name.upper(), help=help_text)
+
+
+def model_flags(arch: str) -> list:
+    """The model settings of `arch` that are flags: its config's fields, vocab_size and nested ones aside."""
+    return [f for f in model_settings(arch) if _flag_type(f.type) is not None]
+
+
+def train_parser(arch: str = "gpt", scale: str = "cpu") -> argparse.ArgumentParser:
+    """The training command's parser: --scale, --arch, --resume, --overwrite, the model's settings (the fields
+    of `arch`'s config) and the training settings (TrainConfig's fields), each with its help and default."""
+    defaults = scale_preset(scale, arch, gpu_memory_bytes=16e9)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0] + f" Defaults shown are the "
+                                     f"{scale} preset's for {arch}; --scale and --arch pick another preset.")
     parser.add_argument("--scale", choices=["smoke", "cpu", "gpu"], default="cpu",
-                        help="preset to start from: smoke (seconds), cpu (a minute or two), gpu (GPT-2 124M, "
+                        help="preset to start from: smoke (seconds), cpu (a minute or two), gpu (a ~124M model, "
                              "an hour) (default: cpu)")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
+                        help="the model: gpt (chapter 3) or llama (chapter 6); --help after it lists that model's "
+                             "settings (default: gpt, or the resumed run's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest checkpoint, with its own settings")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --out-dir even though it holds one, deleting that run's files")
+    model_defaults = dataclasses.asdict(defaults.model_config(1))
+    group = parser.add_argument_group(f"the {arch} model (fields of its config)")
+    for field in model_flags(arch):
+        _add_flag(group, field, model_defaults[field.name])
+    group = parser.add_argument_group("training")
     for field in dataclasses.fields(TrainConfig):
-        help_text = f"{field.metadata['help']} (default: {getattr(defaults, field.name)})"
-        if field.type in (bool, "bool"):
-            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), field.type)
-            parser.add_argument(flag(field.name), type=kind, default=None, metavar=field.name.upper(), help=help_text)
+        if field.name not in ("arch", "model"):
+            _add_flag(group, field, getattr(defaults, field.name))
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool, bool]:
-    """(config, resume, overwrite) from the command line; a bad value is a usage error naming its flag."""
-    parser = train_parser()
+    """(config, resume, overwrite) from the command line; a bad value is a usage error naming its flag.
+
+    The run starts from the preset of --scale and --arch, or with --resume from the settings the run in
+    --out-dir saved; flags override either. On the gpu scale the micro-batch is fitted after the overrides,
+    to the model they describe, unless --batch-size or --grad-accum is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)           # what decides which flags exist
+    for name in ("--scale", "--arch", "--out-dir"):
+        first.add_argument(name)
+    first.add_argument("--resume", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    scale = known.scale if known.scale in ("smoke", "cpu", "gpu") else "cpu"
+    saved = Path(known.out_dir or scale_preset(scale, gpu_memory_bytes=16e9).out_dir) / CONFIG_FILE
+    base = None
+    if known.resume and saved.is_file():
+        base = TrainConfig.from_dict(json.loads(saved.read_text()))
+    arch = known.arch if known.arch in ARCHITECTURES else (base.arch if base else "gpt")
+    parser = train_parser(arch, scale)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: give one of them")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    base = scale_preset(args.scale)
-    saved = Path(overrides.get("out_dir", base.out_dir)) / CONFIG_FILE
-    if args.resume and saved.is_file():
-        base = TrainConfig.from_dict(json.loads(saved.read_text()))
+    if base is None or base.arch != arch:
+        base = scale_preset(args.scale, arch, gpu_memory_bytes=16e9)       # (fitted again below, after the flags)
+    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if f.name not in ("arch", "model") and getattr(args, f.name) is not None}
+    model = {f.name: getattr(args, f.name) for f in model_flags(arch) if getattr(args, f.name) is not None}
     try:
-        cfg = dataclasses.replace(base, **overrides)
+        cfg = dataclasses.replace(base, **training, arch=arch, model={**base.model, **model})
+        if args.scale == "gpu" and not args.resume and not {"batch_size", "grad_accum"} & set(training):
+            cfg = fitted_to_gpu(cfg)
     except ConfigError as err:
         parser.error(f"{flag(err.field)}: {err.message}")
     return cfg, args.resume, args.overwrite

@@ -11,6 +11,8 @@
   `accumulate_gradients`, `apply_update`), `train`, `fit_micro_batch`, `scale_preset`.
 - Measuring a model: `nats_per_character`, `attention_maps`, `evaluate_hellaswag`.
 """
+import functools
+import importlib
 import json
 import math
 import os
@@ -36,22 +38,14 @@ from torch import nn
 from tqdm import tqdm
 
 from ch01_tokenization.tokenization import CharTokenizer, TiktokenTokenizer, Tokenizer
-from ch03_gpt_model.gpt import ACTIVATION_BYTES, GPTConfig, GPTModel, generate
+from ch03_gpt_model.gpt import GPTModel, generate, saved_activation_bytes
+from shared.config import ConfigError, knob
 from shared.data import REGISTRY, cache_dir, fetch
 from shared.device import Precision, autocast, choose_precision, enable_tf32, get_device
 from shared.files import atomic_write
 
 
 # ---- Data ------------------------------------------------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A setting a run cannot work with. `field` names it: the `TrainConfig` field, which the command
-    line shows as its flag (`--field-name`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
 
 def read_corpus(data: str) -> str:
     """The text of a registered data set (a `shared.data` name) or of a UTF-8 text file."""
@@ -201,9 +195,28 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
 
 # ---- The settings ----------------------------------------------------------------------------------------
 
-def knob(default, help: str):
-    """A `TrainConfig` field with its one-line description (the command line's --help shows it)."""
-    return field(default=default, metadata={"help": help})
+# name -> (module, config class, model class). A module is imported when a run asks for its architecture, so
+# chapter 4 needs no later chapter, and chapter 6's Llama trains with this same code.
+ARCHITECTURES = {"gpt": ("ch03_gpt_model.gpt", "GPTConfig", "GPTModel"),
+                 "llama": ("ch06_llama.llama", "LlamaConfig", "LlamaModel")}
+
+
+def architecture(name: str) -> tuple[type, type]:
+    """(config class, model class) of an architecture named in ARCHITECTURES."""
+    if name not in ARCHITECTURES:
+        raise ConfigError("arch", f"must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    module, config_class, model_class = ARCHITECTURES[name]
+    module = importlib.import_module(module)
+    return getattr(module, config_class), getattr(module, model_class)
+
+
+def model_settings(arch: str) -> list:
+    """The fields of an architecture's config a run sets: all but vocab_size, which the tokenizer decides."""
+    return [f for f in fields(architecture(arch)[0]) if f.name != "vocab_size"]
+
+
+# nanoGPT's "baby" Shakespeare model: the model a TrainConfig trains unless told otherwise
+BABY_GPT = dict(n_layer=4, n_head=4, n_embd=128, context_length=64)
 
 
 @dataclass
@@ -214,14 +227,10 @@ class TrainConfig:
     # data and model
     data: str = knob("tinyshakespeare", "a registered data set (see shared/data.py) or a UTF-8 text file")
     tokenizer: str = knob("char", "char, gpt2, or a file written by Tokenizer.save (chapter 1)")
-    n_layer: int = knob(4, "transformer blocks")
-    n_head: int = knob(4, "attention heads per block")
-    n_embd: int = knob(128, "width of the residual stream")
-    context_length: int = knob(64, "tokens the model sees at once")
-    dropout: float = knob(0.0, "dropout probability")
-    bias: bool = knob(True, "biases in the linear layers and layer norms")
-    tie_embeddings: bool = knob(True, "the output layer reuses the token embedding")
-    init_std: float = knob(0.0, "initial weight std; 0: GPT-2's 0.02 scaled to the width (chapter 3)")
+    arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2) or llama (chapter 6)")
+    model: dict = field(default_factory=lambda: dict(BABY_GPT), metadata={
+        "help": "the model's settings: fields of the architecture's config (vocab_size aside, which the "
+                "tokenizer decides); those left out take the config's defaults, and are filled in"})
     vocab_multiple: int = knob(1, "pad the vocabulary to a multiple of this (64 suits GPU matmuls)")
     # optimisation
     batch_size: int = knob(12, "sequences per micro-batch, per process")
@@ -250,8 +259,8 @@ class TrainConfig:
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("n_layer", "n_head", "n_embd", "context_length", "vocab_multiple", "batch_size", "grad_accum",
-                     "max_steps", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("vocab_multiple", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
+                     "log_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
@@ -259,37 +268,60 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
-        for name in ("init_std", "weight_decay", "grad_clip", "time_budget_min", "min_lr"):
+        for name in ("weight_decay", "grad_clip", "time_budget_min", "min_lr"):
             if not number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(name, f"must be a number >= 0, got {getattr(self, name)!r}")
         if not number(self.lr) or self.lr <= 0:
             raise ConfigError("lr", f"must be a positive number, got {self.lr!r}")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"({self.min_lr}) must not exceed lr ({self.lr})")
-        for name in ("dropout", "beta1", "beta2"):
+        for name in ("beta1", "beta2"):
             if not number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError("n_head", f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("data", "tokenizer", "out_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(name, f"must be a non-empty string, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ConfigError("device", f"must be auto, cpu, cuda or mps, got {self.device!r}")
+        if not isinstance(self.model, dict):
+            raise ConfigError("model", f"must be a dict of the model's settings, got {self.model!r}")
+        settings = {f.name for f in model_settings(self.arch)}
+        unknown = sorted(set(self.model) - settings)
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a setting of the {self.arch} model; its settings are "
+                                          f"{', '.join(sorted(settings))}")
+        # every setting written out, defaults included, so a saved run keeps its meaning if a default changes
+        resolved = asdict(self.model_config(self.vocab_multiple))   # and a shape that cannot work fails now
+        self.model = {name: value for name, value in resolved.items() if name != "vocab_size"}
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainConfig":
         """The config an earlier run saved (its config.json, or a checkpoint's state): fields it lacks take
-        their defaults, fields this version no longer has are dropped."""
+        their defaults, fields this version no longer has are dropped. A run from before `arch` existed kept
+        its GPT's settings among the training settings: they move into `model`."""
+        saved = dict(saved)
+        if "model" not in saved:
+            gpt_settings = {f.name for f in model_settings("gpt")}
+            moved = {name: saved.pop(name) for name in list(saved) if name in gpt_settings}
+            if not moved.get("init_std"):               # 0 meant "the width-scaled default", now None
+                moved.pop("init_std", None)
+            saved["model"] = {**BABY_GPT, **moved}
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in saved.items() if name in known})
 
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        """The model for a tokenizer of `vocab_size` ids, its vocabulary padded up to `vocab_multiple`."""
+    def model_config(self, vocab_size: int):
+        """The architecture's config for a tokenizer of `vocab_size` ids, padded up to `vocab_multiple`."""
         padded = -(-vocab_size // self.vocab_multiple) * self.vocab_multiple
-        return GPTConfig(vocab_size=padded, context_length=self.context_length, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         tie_embeddings=self.tie_embeddings, init_std=self.init_std or None)
+        return architecture(self.arch)[0](**{**self.model, "vocab_size": padded})
+
+    def build_model(self, vocab_size: int) -> nn.Module:
+        """A freshly initialised model of the run's architecture and settings (on the default device)."""
+        return architecture(self.arch)[1](self.model_config(vocab_size))
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the model sees at once, from the model's settings."""
+        return self.model_config(self.vocab_multiple).context_length
 
 
 # ---- One run per folder ----------------------------------------------------------------------------------
@@ -393,7 +425,7 @@ def checkpoint_paths(out_dir: Path, step: int) -> tuple[Path, Path]:
     return Path(out_dir) / f"ckpt-{step:07d}.safetensors", Path(out_dir) / f"ckpt-{step:07d}.pt"
 
 
-def save_checkpoint(out_dir: str | Path, model: GPTModel, optimizer, step: int, cfg: TrainConfig,
+def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int, cfg: TrainConfig,
                     sampler: BatchSampler, keep: int = 2) -> Path:
     """Write weights (safetensors) and training state (optimizer, step, config, sampler and RNG state),
     each to a temporary file renamed into place, then point `latest.json` at them.
@@ -430,9 +462,9 @@ def _checkpoint_steps(out_dir: Path) -> list[int]:
     return steps
 
 
-# The fields that must match for a checkpoint to be resumed with a new config.
-_SHAPE_FIELDS = ("tokenizer", "n_layer", "n_head", "n_embd", "context_length", "bias", "tie_embeddings",
-                 "vocab_multiple", "data")
+# Training settings a checkpoint must have been made with; the model's settings must match too, except the
+# ones its config marks resumable (dropout, the initial std).
+_SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple")
 
 
 def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tuple[dict, dict]:
@@ -469,19 +501,25 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tupl
 
 
 def _check_same_run(saved_config: dict, cfg: TrainConfig) -> None:
-    saved = {**asdict(TrainConfig()), **saved_config}      # fields added since: their defaults
-    different = [f"{name}: checkpoint {saved[name]!r}, now {getattr(cfg, name)!r}"
-                 for name in _SHAPE_FIELDS if saved.get(name) != getattr(cfg, name)]
+    saved = TrainConfig.from_dict(saved_config)
+    different = [f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(cfg, name)!r}"
+                 for name in _SAME_RUN_FIELDS if getattr(saved, name) != getattr(cfg, name)]
+    if saved.arch == cfg.arch:
+        then, now = asdict(saved.model_config(1)), asdict(cfg.model_config(1))
+        different += [f"{f.name}: checkpoint {then[f.name]!r}, now {now[f.name]!r}" for f in model_settings(cfg.arch)
+                      if not f.metadata.get("resumable") and then[f.name] != now[f.name]]
     if different:
         raise ConfigError(different[0].split(":")[0],
                           "the checkpoint was trained with another config: " + "; ".join(different))
 
 
-def load_weights(model: GPTModel, weights: dict[str, torch.Tensor]) -> None:
-    """Load a checkpoint's weights, every tensor required; a tied head comes from the token embedding."""
-    if model.cfg.tie_embeddings:
-        weights = {**weights, "lm_head.weight": weights["transformer.wte.weight"]}
-    model.load_state_dict(weights)
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's weights, every tensor required but a tied output layer's (it is the embedding)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"the checkpoint does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
 
 
 # ---- What a run writes down ------------------------------------------------------------------------------
@@ -699,13 +737,13 @@ def load_data(cfg: TrainConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
     return tokenizer, train_tokens, val_tokens
 
 
-def load_run(out_dir: str | Path, device="cpu") -> tuple[GPTModel, Tokenizer, dict]:
+def load_run(out_dir: str | Path, device="cpu") -> tuple[nn.Module, Tokenizer, dict]:
     """The model of a run's newest readable checkpoint, in evaluation mode on `device`, with the run's
     tokenizer and the checkpoint's state (step, config, ...)."""
     weights, state = load_checkpoint(out_dir)
     cfg = TrainConfig.from_dict(state["config"])
     tokenizer = Tokenizer.load(Path(out_dir) / TOKENIZER_FILE)
-    model = GPTModel(cfg.model_config(tokenizer.n_vocab))
+    model = cfg.build_model(tokenizer.n_vocab)
     load_weights(model, weights)
     return model.to(device).eval(), tokenizer, state
 
@@ -780,7 +818,7 @@ class Run:
     """A training run once set up: what `train` hands to `training_loop`."""
 
     cfg: TrainConfig
-    model: GPTModel
+    model: nn.Module
     optimizer: torch.optim.Optimizer
     sampler: BatchSampler
     tokenizer: Tokenizer
@@ -811,7 +849,8 @@ class Run:
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=None,
           log: Callable[[str], None] | None = None, progress: bool = True,
           clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Train a GPTModel as `cfg` says; returns the last evaluation with the model, the tokenizer and a summary.
+    """Train the model `cfg` describes (chapter 3's GPT or chapter 6's Llama); returns the last evaluation
+    with the model, the tokenizer and a summary.
 
     One run per `out_dir`: a new run refuses a folder that holds another (`overwrite=True` replaces it), and
     a lock keeps a second run out while this one works. `resume=True` continues from the newest readable
@@ -834,7 +873,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=
             tokenizer, train_tokens, val_tokens = data if data is not None else load_data(cfg)
             main_process_first(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
             torch.manual_seed(cfg.seed)
-            model = GPTModel(cfg.model_config(tokenizer.n_vocab)).to(device)
+            model = cfg.build_model(tokenizer.n_vocab).to(device)
             run = Run(cfg, model, configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)),
                       BatchSampler(train_tokens, cfg.context_length, cfg.seed), tokenizer,
                       {"train": train_tokens, "val": val_tokens}, choose_precision(device),
@@ -976,52 +1015,100 @@ def print_above_progress(message: str) -> None:
 
 # ---- Presets ---------------------------------------------------------------------------------------------
 
-def fit_micro_batch(model_cfg: GPTConfig, memory_bytes: float, global_batch: int, mixed_precision: bool = True,
+def activation_bytes_per_token(cfg: TrainConfig, mixed_precision: bool = True) -> float:
+    """Bytes autograd keeps per token in each layer of the run's model, measured with chapter 3's
+    `saved_activation_bytes` on small copies of it (a 64-token vocabulary): one and two layers, 32 and 64
+    tokens. The extra layer's extra 32 tokens isolate what one layer keeps per token, apart from what does not
+    grow with the tokens (autocast's 16-bit weight copies) or with the layers (embedding, loss). Measured, not
+    derived, so it holds for any architecture; on the CPU, mixed precision is bfloat16 autocast."""
+    settings = json.dumps(asdict(cfg.model_config(64)), sort_keys=True)
+    return _measured_activation_bytes(cfg.arch, settings, mixed_precision)
+
+
+@functools.lru_cache(maxsize=16)
+def _measured_activation_bytes(arch: str, settings: str, mixed_precision: bool) -> float:
+    model_class, model_cfg = architecture(arch)[1], architecture(arch)[0](**json.loads(settings))
+    saved = {}
+    for n_layer in (1, 2):
+        torch.manual_seed(0)
+        model = model_class(replace(model_cfg, n_layer=n_layer))
+        for seq in (32, 64):
+            idx = torch.zeros(1, seq, dtype=torch.long)
+            saved[n_layer, seq] = saved_activation_bytes(model, idx, idx, torch.bfloat16 if mixed_precision else None)
+    return ((saved[2, 64] - saved[1, 64]) - (saved[2, 32] - saved[1, 32])) / 32
+
+
+def fit_micro_batch(cfg: TrainConfig, memory_bytes: float, vocab_size: int = 50257, mixed_precision: bool = True,
                     headroom: float = 0.8) -> tuple[int, int]:
-    """(micro batch, accumulation steps) that fit a GPU with `memory_bytes` and multiply to `global_batch`.
+    """(micro batch, accumulation steps) for the run's model on a GPU with `memory_bytes`, keeping the global
+    batch `cfg.batch_size * cfg.grad_accum`.
 
     Memory = 16 bytes per parameter (fp32 weights, gradients, two Adam moments), plus under mixed precision
     the 16-bit copy of the weights, plus the loss's fp32 gradient buffer for the output matrix, plus per
-    sequence chapter 3's measured activation bytes (ACTIVATION_BYTES) per layer, token and unit of width.
-    The largest power of two that fits in `headroom` of the memory is the micro-batch.
+    sequence the measured activation bytes per layer and token (`activation_bytes_per_token`). The largest
+    power of two that fits in `headroom` of the memory is the micro-batch.
     """
-    L, T, d, V = model_cfg.n_layer, model_cfg.context_length, model_cfg.n_embd, model_cfg.vocab_size
-    n_params = 12 * L * d * d + (V + T) * d
-    fixed = (18 if mixed_precision else 16) * n_params + 4 * V * d
-    per_sequence = ACTIVATION_BYTES["mixed" if mixed_precision else "fp32"] * L * T * d
-    room = headroom * memory_bytes - fixed
+    model_cfg = cfg.model_config(vocab_size)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in cfg.build_model(vocab_size).parameters())
+    fixed = (18 if mixed_precision else 16) * n_params + 4 * model_cfg.vocab_size * model_cfg.n_embd
+    per_sequence = activation_bytes_per_token(cfg, mixed_precision) * model_cfg.n_layer * model_cfg.context_length
+    room, global_batch = headroom * memory_bytes - fixed, cfg.batch_size * cfg.grad_accum
     if per_sequence > room:
-        raise ValueError(f"even one sequence does not fit in {memory_bytes / 2**30:.1f} GiB; "
-                         f"use a smaller model or context")
+        raise ConfigError("batch_size", f"even one sequence does not fit in {memory_bytes / 2**30:.1f} GiB; "
+                                        f"use a smaller model or context")
     micro = 1
     while micro * 2 <= global_batch and (micro * 2) * per_sequence <= room:
         micro *= 2
     return micro, global_batch // micro
 
 
-def scale_preset(scale: str, gpu_memory_bytes: float | None = None) -> TrainConfig:
+def fitted_to_gpu(cfg: TrainConfig, gpu_memory_bytes: float | None = None) -> TrainConfig:
+    """`cfg` with its micro-batch and accumulation fitted to this GPU's memory (16 GB, a T4, if there is none),
+    for its own model: call it again after changing the model."""
+    if gpu_memory_bytes is None:
+        gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 16e9
+    micro, accum = fit_micro_batch(cfg, gpu_memory_bytes)
+    return replace(cfg, batch_size=micro, grad_accum=accum)
+
+
+# The models each scale trains, per architecture. The Llama's SwiGLU width and key/value groups are chosen so
+# that it has about as many parameters as the GPT of the same scale (chapter 6 compares them).
+PRESET_MODELS = {
+    ("smoke", "gpt"): dict(n_layer=2, n_head=2, n_embd=32, context_length=32),
+    ("cpu", "gpt"): BABY_GPT,
+    ("gpu", "gpt"): dict(n_layer=12, n_head=12, n_embd=768, context_length=1024),
+    ("smoke", "llama"): dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=96, context_length=32,
+                             rope_theta=10000.0, rope_scaling=None),
+    ("cpu", "llama"): dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, ffn_hidden=384, context_length=64,
+                           rope_theta=10000.0, rope_scaling=None),
+    ("gpu", "llama"): dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, ffn_hidden=2304, context_length=1024,
+                           rope_theta=10000.0, rope_scaling=None),
+}
+
+
+def scale_preset(scale: str, arch: str = "gpt", gpu_memory_bytes: float | None = None) -> TrainConfig:
     """The run each scale stands for: smoke (seconds), cpu (nanoGPT's baby Shakespeare run, a small
-    char-level GPT, about a minute), gpu (GPT-2 124M on TinyStories, bounded by a one-hour budget).
+    char-level model, about a minute), gpu (a ~124M model on TinyStories, bounded by a one-hour budget).
 
     The gpu run is set up the way a GPU wants: `torch.compile`, TF32 (turned on by `train` on CUDA), a
-    vocabulary padded to a multiple of 64, and the micro-batch fitted to the card's memory."""
+    vocabulary padded to a multiple of 64, and the micro-batch fitted to the card's memory (`fitted_to_gpu`)."""
+    if (scale, arch) not in PRESET_MODELS:
+        architecture(arch)                                       # an unknown architecture: a ConfigError
+        raise ValueError(f"unknown scale {scale!r}; use smoke, cpu or gpu")
+    model = dict(PRESET_MODELS[scale, arch])
     if scale == "smoke":
-        return TrainConfig(n_layer=2, n_head=2, n_embd=32, context_length=32, batch_size=8, max_steps=30,
-                           warmup_steps=5, eval_interval=10, eval_iters=2, log_interval=5, out_dir="runs/smoke")
+        return TrainConfig(arch=arch, model=model, batch_size=8, max_steps=30, warmup_steps=5, eval_interval=10,
+                           eval_iters=2, log_interval=5, out_dir=f"runs/smoke-{arch}")
     if scale == "cpu":
-        return TrainConfig(n_layer=4, n_head=4, n_embd=128, context_length=64, batch_size=12, max_steps=2000,
-                           warmup_steps=100, eval_interval=250, eval_iters=20, out_dir="runs/shakespeare-char")
-    if scale == "gpu":
-        model_cfg = GPTConfig(vocab_size=50304)
-        if gpu_memory_bytes is None:
-            gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 16e9
-        micro, accum = fit_micro_batch(model_cfg, gpu_memory_bytes, global_batch=64)
-        return TrainConfig(data="tinystories", tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768,
-                           context_length=1024, vocab_multiple=64, batch_size=micro, grad_accum=accum,
-                           max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, weight_decay=0.1, beta2=0.95,
-                           eval_interval=250, eval_iters=20, time_budget_min=60, sample_tokens=64, compile=True,
-                           out_dir="runs/gpt2-tinystories")
-    raise ValueError(f"unknown scale {scale!r}; use smoke, cpu or gpu")
+        return TrainConfig(arch=arch, model=model, batch_size=12, max_steps=2000, warmup_steps=100,
+                           eval_interval=250, eval_iters=20,
+                           out_dir="runs/shakespeare-char" if arch == "gpt" else f"runs/shakespeare-char-{arch}")
+    run = TrainConfig(data="tinystories", tokenizer="gpt2", arch=arch, model=model, vocab_multiple=64, batch_size=64,
+                      grad_accum=1, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, weight_decay=0.1,
+                      beta2=0.95, eval_interval=250, eval_iters=20, time_budget_min=60, sample_tokens=64,
+                      compile=True, out_dir=f"runs/{'gpt2' if arch == 'gpt' else arch}-tinystories")
+    return fitted_to_gpu(run, gpu_memory_bytes)
 
 
 # ---- What the attention heads learned --------------------------------------------------------------------
@@ -1045,7 +1132,7 @@ def attention_maps(model: GPTModel, ids: torch.Tensor) -> torch.Tensor:
 # ---- Characters or tokens? Chapter 1's BPE in a run ------------------------------------------------------
 
 @torch.no_grad()
-def nats_per_character(model: GPTModel, tokenizer: Tokenizer, text: str) -> float:
+def nats_per_character(model: nn.Module, tokenizer: Tokenizer, text: str) -> float:
     """The model's loss on `text` in nats per character rather than per token, so that models with different
     tokenizers can be compared on the same text. The text is cut into windows of the model's context;
     every token but the first of the text is predicted once, and the characters counted are those of the
@@ -1072,7 +1159,7 @@ def hellaswag_rows(path: str | Path) -> list[dict]:
 
 
 @torch.no_grad()
-def ending_losses(model: GPTModel, context: list[int], endings: list[list[int]]
+def ending_losses(model: nn.Module, context: list[int], endings: list[list[int]]
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Total and mean next-token loss of each ending after `context`: two (n_endings,) tensors; None when the
     row does not fit the model (an ending as long as its context window leaves no token to predict from).
@@ -1097,7 +1184,7 @@ def ending_losses(model: GPTModel, context: list[int], endings: list[list[int]]
     return totals, totals / scored[:, :-1].sum(dim=1)
 
 
-def evaluate_hellaswag(model: GPTModel, tokenizer: Tokenizer, rows: list[dict]) -> dict:
+def evaluate_hellaswag(model: nn.Module, tokenizer: Tokenizer, rows: list[dict]) -> dict:
     """Completion-style HellaSwag (as in Karpathy's build-nanogpt): the model picks the ending with the
     lowest loss; `acc` compares total losses, `acc_norm` per-token losses. Rows the tokenizer cannot encode
     (characters outside a char-level vocabulary) and rows too long for the model are skipped and counted."""

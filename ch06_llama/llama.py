@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch03_gpt_model.gpt import check_token_inputs, linear_cross_entropy
+from shared.config import ConfigError, knob
 from shared.data import DataUnavailableError
 from shared.files import atomic_write
 
@@ -206,42 +207,50 @@ class LlamaBlock(nn.Module):
 @dataclass(frozen=True)
 class LlamaConfig:
     """The shape of a Llama 3 model. Fields that mean what a `GPTConfig` field means have its name. Checked
-    on construction; a bad value is a ValueError naming the field. The default is Llama 3.2 1B."""
+    on construction: a bad value is a `ConfigError` (a ValueError) naming the field. `rope_scaling` may be
+    given as a dict of `RopeScaling`'s fields (as a JSON config holds it). The default is Llama 3.2 1B."""
 
-    vocab_size: int = 128256
-    context_length: int = 131072
-    n_layer: int = 16
-    n_head: int = 32
-    n_kv_head: int = 8               # key/value heads, shared by n_head / n_kv_head query heads each
-    n_embd: int = 2048
-    ffn_hidden: int = 8192           # SwiGLU width (`swiglu_hidden_size`)
-    rope_theta: float = 500000.0     # RoPE base: the slowest pair turns once in about 2 pi * theta positions
-    rope_scaling: RopeScaling | None = RopeScaling(factor=32.0)
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float | None = None    # None: 0.02 at width 768, scaled as 1 / sqrt(n_embd) (chapter 3)
+    vocab_size: int = knob(128256, "token ids the model reads and predicts")
+    context_length: int = knob(131072, "tokens the model sees at once")
+    n_layer: int = knob(16, "transformer blocks")
+    n_head: int = knob(32, "query heads per block")
+    n_kv_head: int = knob(8, "key/value heads per block, each shared by n_head / n_kv_head query heads")
+    n_embd: int = knob(2048, "width of the residual stream")
+    ffn_hidden: int = knob(8192, "width of the SwiGLU feed-forward block (swiglu_hidden_size)")
+    rope_theta: float = knob(500000.0, "RoPE base: the slowest pair turns once in about 2 pi * theta positions")
+    rope_scaling: RopeScaling | None = knob(RopeScaling(factor=32.0), "Llama 3's RoPE frequency scaling, or none")
+    norm_eps: float = knob(1e-5, "the RMSNorms' epsilon")
+    tie_embeddings: bool = knob(True, "the output layer reuses the token embedding")
+    init_std: float | None = knob(None, "initial weight std; none: 0.02 at width 768, scaled as 1 / sqrt(n_embd)",
+                                  resumable=True)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except (TypeError, ValueError) as err:
+                raise ConfigError("rope_scaling", f"{self.rope_scaling!r} is not a RopeScaling: {err}") from None
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+                raise ConfigError(name, f"must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"LlamaConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError("n_head", f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"LlamaConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): "
-                             f"each key/value head serves a whole group of query heads")
+            raise ConfigError("n_kv_head", f"must divide n_head ({self.n_head}), got {self.n_kv_head}: each "
+                                           f"key/value head serves a whole group of query heads")
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig.n_embd / n_head = {self.head_dim} must be even: RoPE turns pairs of "
-                             f"dimensions")
+            raise ConfigError("n_head", f"n_embd / n_head = {self.head_dim} must be even: RoPE turns pairs of "
+                                        f"dimensions")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
-            raise ValueError(f"LlamaConfig.rope_theta must be a number > 1, got {self.rope_theta!r}")
+            raise ConfigError("rope_theta", f"must be a number > 1, got {self.rope_theta!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"LlamaConfig.norm_eps must be positive, got {self.norm_eps!r}")
-        if self.init_std is not None and not self.init_std > 0:
-            raise ValueError(f"LlamaConfig.init_std must be positive (or None), got {self.init_std!r}")
+            raise ConfigError("rope_scaling", f"must be a RopeScaling, a dict of its fields, or None, "
+                                              f"got {self.rope_scaling!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps!r}")
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            raise ConfigError("init_std", f"must be positive (or None), got {self.init_std!r}")
 
     @property
     def head_dim(self) -> int:

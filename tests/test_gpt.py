@@ -60,7 +60,7 @@ def test_presets_have_the_published_parameter_counts(name, count):
 def test_config_errors_name_the_numbers():
     with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(12\)"):
         GPTConfig(n_embd=100, n_head=12)
-    with pytest.raises(ValueError, match="n_layer must be a positive int"):
+    with pytest.raises(ValueError, match="n_layer: must be a positive int"):
         GPTConfig(n_layer=0)
     with pytest.raises(ValueError, match="dropout"):
         GPTConfig(dropout=1.5)
@@ -111,7 +111,7 @@ def test_default_init_is_gpt2s_scaled_to_the_width():
     assert model.transformer.h[1].attn.c_attn.weight.std().item() == pytest.approx(0.04, rel=0.05)
     # the output scale sigma * sqrt(width) is the same as GPT-2 small's 0.02 * sqrt(768)
     assert model.cfg.weight_std * math.sqrt(192) == pytest.approx(0.02 * math.sqrt(768))
-    with pytest.raises(ValueError, match="init_std must be positive"):
+    with pytest.raises(ValueError, match="init_std: must be positive"):
         GPTConfig(init_std=0.0)
 
 

@@ -1,4 +1,5 @@
 """Chapter 6: Llama's parts against PyTorch and transformers, the released shapes, GGUF, the chat model."""
+import dataclasses
 import json
 
 import numpy as np
@@ -31,6 +32,7 @@ from ch06_llama.llama import (
     special_tokens_from_hf,
     swiglu_hidden_size,
 )
+from shared.config import ConfigError
 from shared.data import DataUnavailableError, fetch, read_text
 
 transformers.logging.set_verbosity_error()
@@ -141,11 +143,20 @@ def test_released_configs_have_their_exact_parameter_counts():
 @pytest.mark.parametrize("changes, match", [
     (dict(n_kv_head=3), "must divide n_head"), (dict(n_head=5), "divisible by n_head"),
     (dict(n_embd=12, n_head=4, n_kv_head=4), "must be even"), (dict(n_layer=0), "n_layer"),
-    (dict(rope_theta=0.5), "rope_theta"), (dict(rope_scaling={"factor": 8}), "RopeScaling"),
+    (dict(rope_theta=0.5), "rope_theta"), (dict(rope_scaling={"factor": 0.5}), "rope_scaling: .*factor"),
+    (dict(rope_scaling={"fctor": 8.0}), "rope_scaling: .*is not a RopeScaling"),
+    (dict(rope_scaling=8.0), "rope_scaling"),
     (dict(norm_eps=0), "norm_eps"), (dict(vocab_size=True), "vocab_size")])
 def test_bad_configs_are_refused_naming_the_field(changes, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match) as info:
         small(**changes)
+    assert info.value.field in changes or info.value.field == "n_head"
+
+
+def test_rope_scaling_may_be_a_dict_and_a_config_round_trips_through_json():
+    cfg = small(rope_scaling={"factor": 32.0, "original_max_position_embeddings": 16})
+    assert cfg.rope_scaling == RopeScaling(factor=32.0, original_max_position_embeddings=16)
+    assert LlamaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ch01_tokenization.tokenization import BPETokenizer, CharTokenizer, TiktokenTokenizer
-from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel, generate
+from ch03_gpt_model.gpt import ACTIVATION_BYTES, GPT_CONFIGS, GPTConfig, GPTModel, generate
 from ch04_pretraining import pretraining
 from ch04_pretraining.__main__ import parse_args, train_parser
 from ch04_pretraining.pretraining import (
@@ -24,6 +25,7 @@ from ch04_pretraining.pretraining import (
     ConfigError,
     TrainConfig,
     TrainingDiverged,
+    activation_bytes_per_token,
     attention_maps,
     configure_optimizer,
     ending_losses,
@@ -36,6 +38,7 @@ from ch04_pretraining.pretraining import (
     load_data,
     load_run,
     lr_at,
+    model_settings,
     nats_per_character,
     read_metrics,
     read_steps,
@@ -49,13 +52,22 @@ from ch04_pretraining.pretraining import (
 from shared.data import fetch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(n_layer=2, n_head=2, n_embd=32, context_length=16, batch_size=4, max_steps=12, warmup_steps=3,
+TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, context_length=16)
+TINY = dict(batch_size=4, max_steps=12, warmup_steps=3,
             eval_interval=4, eval_iters=2, log_interval=2, lr=3e-3, min_lr=3e-4)
 QUIET = dict(log=lambda message: None, progress=False)
 
 
-def tiny_config(out_dir, **kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out_dir": str(out_dir), **kw})
+def tiny_config(out_dir, arch="gpt", **kw) -> TrainConfig:
+    """The tiny run, with any training setting or model setting (n_layer, ...) changed by keyword."""
+    settings = {f.name for f in model_settings(arch)}
+    model = {**(TINY_MODEL if arch == "gpt" else TINY_LLAMA), **{k: v for k, v in kw.items() if k in settings}}
+    training = {k: v for k, v in kw.items() if k not in settings}
+    return TrainConfig(**{**TINY, "out_dir": str(out_dir), "arch": arch, "model": model, **training})
+
+
+TINY_LLAMA = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64, context_length=16, rope_theta=10000.0,
+                  rope_scaling=None)
 
 
 def run_cli(*args, env_extra=None, **popen):
@@ -141,13 +153,24 @@ def test_tinystories_tokens_go_to_the_cache_not_beside_a_read_only_text(tmp_path
 
 
 def test_micro_batch_fits_the_gpu():
-    cfg = GPTConfig(vocab_size=50304)
-    assert fit_micro_batch(cfg, 16e9, 64) == (16, 4)          # a T4
-    assert fit_micro_batch(cfg, 24e9, 64) == (32, 2)          # an L4
-    assert fit_micro_batch(cfg, 80e9, 64) == (64, 1)          # an A100 80GB
-    assert fit_micro_batch(cfg, 16e9, 64, mixed_precision=False) == (16, 4)
-    with pytest.raises(ValueError, match="does not fit"):
-        fit_micro_batch(GPT_CONFIGS["gpt2-xl"], 8e9, 64)
+    cfg = scale_preset("gpu", gpu_memory_bytes=16e9)
+    assert fit_micro_batch(cfg, 16e9) == (16, 4)          # a T4
+    assert fit_micro_batch(cfg, 24e9) == (32, 2)          # an L4
+    assert fit_micro_batch(cfg, 80e9) == (64, 1)          # an A100 80GB
+    assert fit_micro_batch(cfg, 16e9, mixed_precision=False) == (16, 4)
+    xl = GPT_CONFIGS["gpt2-xl"]
+    with pytest.raises(ConfigError, match="does not fit"):
+        fit_micro_batch(replace(cfg, model=dict(n_layer=xl.n_layer, n_head=xl.n_head, n_embd=xl.n_embd)), 8e9)
+
+
+def test_measured_activation_bytes_are_chapter_3s_for_gpt():
+    """Measured on small copies of the model, the bytes per layer and token are chapter 3's figures for GPT."""
+    cfg = scale_preset("gpu", gpu_memory_bytes=16e9)
+    for precision, mixed in [("fp32", False), ("mixed", True)]:
+        measured = activation_bytes_per_token(cfg, mixed) / cfg.model["n_embd"]
+        assert measured == pytest.approx(ACTIVATION_BYTES[precision], abs=0.5)
+    llama = scale_preset("gpu", "llama", gpu_memory_bytes=16e9)
+    assert activation_bytes_per_token(llama, False) > activation_bytes_per_token(cfg, False)   # SwiGLU is wider
 
 
 def test_gpu_preset_is_what_a_gpu_user_expects():
@@ -163,8 +186,9 @@ def test_gpu_preset_is_what_a_gpu_user_expects():
 
 def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
     cfg, resume, overwrite = parse_args(["--scale", "smoke", "--n-layer", "3", "--lr", "0.01", "--no-bias"])
-    assert cfg.n_layer == 3 and cfg.lr == 0.01 and cfg.bias is False and not resume and not overwrite
-    assert cfg.n_embd == scale_preset("smoke").n_embd
+    assert cfg.model["n_layer"] == 3 and cfg.lr == 0.01 and cfg.model["bias"] is False
+    assert set(cfg.model) == {f.name for f in model_settings("gpt")}          # written out in full
+    assert not resume and not overwrite and cfg.model["n_embd"] == scale_preset("smoke").model["n_embd"]
     cfg, _, _ = parse_args(["--init-std", "0.02", "--no-tie-embeddings"])
     model_cfg = cfg.model_config(65)
     assert model_cfg.weight_std == 0.02 and model_cfg.tie_embeddings is False
@@ -189,16 +213,18 @@ def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
     ("lr", 0.0, "lr: must be a positive number"),
     ("lr", float("nan"), "lr: must be a positive number"),
     ("min_lr", 1.0, r"min_lr: \(1.0\) must not exceed lr"),
-    ("dropout", 1.0, r"dropout: must be in \[0, 1\)"),
+    ("model", dict(dropout=1.0), r"dropout: must be in \[0, 1\)"),
     ("beta2", 1.0, "beta2"),
-    ("n_head", 3, r"n_head: n_embd \(128\) must be divisible by n_head \(3\)"),
+    ("model", dict(n_embd=128, n_head=3), r"n_head: n_embd \(128\) must be divisible by n_head \(3\)"),
+    ("model", dict(n_layers=4), "n_layers: is not a setting of the gpt model"),
+    ("arch", "mamba", "arch: must be one of gpt, llama"),
     ("batch_size", 0, "batch_size: must be a positive integer"),
     ("device", "gpu", "device: must be auto, cpu, cuda or mps"),
 ])
 def test_bad_settings_are_refused_naming_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match) as info:
         TrainConfig(**{field: value})
-    assert info.value.field == field
+    assert info.value.field == (match.split(":")[0] if field == "model" else field)
 
 
 def test_bad_data_is_named_in_the_callers_terms(tmp_path):
@@ -243,8 +269,9 @@ def test_a_chapter_1_tokenizer_file_trains_and_is_kept_with_the_run(tmp_path):
 
 # ---- training -----------------------------------------------------------------------------
 
-def test_training_learns_and_logs_evaluations_and_steps(tmp_path):
-    result = train(tiny_config(tmp_path, max_steps=40, eval_interval=20), **QUIET)
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_training_learns_and_logs_evaluations_and_steps(tmp_path, arch):
+    result = train(tiny_config(tmp_path, arch, max_steps=40, eval_interval=20), **QUIET)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 20, 40]
     assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
@@ -268,15 +295,15 @@ def test_the_run_ends_with_a_summary_and_a_progress_bar(tmp_path, capsys):
     assert "12/12" in bar and "step/s" in bar
 
 
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, tie_embeddings):
+@pytest.mark.parametrize("arch, tie_embeddings", [("gpt", True), ("gpt", False), ("llama", True), ("llama", False)])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, arch, tie_embeddings):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train(tiny_config(full, tie_embeddings=tie_embeddings), **QUIET)
+    train(tiny_config(full, arch, tie_embeddings=tie_embeddings), **QUIET)
     # a run that stopped after step 8: its last checkpoint is the one at step 8
     shutil.copytree(full, resumed)
     (resumed / "latest.json").write_text(json.dumps(
         {"step": 8, "weights": "ckpt-0000008.safetensors", "state": "ckpt-0000008.pt"}))
-    train(tiny_config(resumed, tie_embeddings=tie_embeddings), resume=True, **QUIET)
+    train(tiny_config(resumed, arch, tie_embeddings=tie_embeddings), resume=True, **QUIET)
     for a, b in zip(read_metrics(full), read_metrics(resumed), strict=True):
         assert (a["step"], a["train_loss"], a["val_loss"]) == (b["step"], b["train_loss"], b["val_loss"])
     assert [r["loss"] for r in read_steps(full)] == [r["loss"] for r in read_steps(resumed)]
@@ -284,6 +311,62 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tie_embeddings):
     final_resumed = load_file(resumed / "ckpt-0000012.safetensors")
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
     assert ("lm_head.weight" in final_full) is not tie_embeddings      # a tied head is stored once
+
+
+def test_a_llama_run_keeps_transformers_names_and_refuses_another_architecture(tmp_path):
+    result = train(tiny_config(tmp_path, "llama", max_steps=4), **QUIET)
+    weights, state = load_checkpoint(tmp_path)
+    assert "model.layers.0.self_attn.k_proj.weight" in weights and "lm_head.weight" not in weights
+    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (16, 32)        # one kv head of 16
+    model, _, _ = load_run(tmp_path)
+    assert type(model).__name__ == "LlamaModel" and model.cfg == result["model"].cfg
+    with pytest.raises(ConfigError, match="arch: checkpoint 'llama', now 'gpt'"):
+        load_checkpoint(tmp_path, tiny_config(tmp_path))
+    with pytest.raises(ConfigError, match="n_kv_head: checkpoint 1, now 2"):
+        load_checkpoint(tmp_path, tiny_config(tmp_path, "llama", n_kv_head=2))
+
+
+def test_cli_flags_come_from_the_architectures_config(tmp_path):
+    llama_flags = {action.dest for action in train_parser("llama")._actions}
+    gpt_flags = {action.dest for action in train_parser("gpt")._actions}
+    assert {"n_kv_head", "ffn_hidden", "rope_theta"} <= llama_flags - gpt_flags
+    assert {"bias", "dropout"} <= gpt_flags - llama_flags and "vocab_size" not in gpt_flags | llama_flags
+    cfg, _, _ = parse_args(["--arch", "llama", "--scale", "smoke", "--n-kv-head", "2", "--rope-theta", "500000"])
+    assert cfg.arch == "llama" and cfg.model["n_kv_head"] == 2 and cfg.model_config(65).rope_theta == 500000
+    # a shape that cannot work is refused before any data is read: the missing file is never looked at
+    proc = run_cli("--arch", "llama", "--n-kv-head", "3", "--data", str(tmp_path / "missing.txt"),
+                   "--out-dir", str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--n-kv-head: must divide n_head (4), got 3" in err and "missing" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_fits_the_gpu_batch_to_the_model_after_the_flags():
+    default, _, _ = parse_args(["--scale", "gpu"])
+    wide, _, _ = parse_args(["--scale", "gpu", "--n-embd", "1536", "--n-head", "16"])
+    assert default.batch_size * default.grad_accum == wide.batch_size * wide.grad_accum == 64
+    assert wide.batch_size < default.batch_size
+    given, _, _ = parse_args(["--scale", "gpu", "--n-embd", "1536", "--n-head", "16", "--batch-size", "8"])
+    assert given.batch_size == 8                                     # a batch size given by hand is kept
+    llama, _, _ = parse_args(["--scale", "gpu", "--arch", "llama"])
+    assert llama.arch == "llama" and llama.model["n_embd"] == 768 and llama.out_dir == "runs/llama-tinystories"
+
+
+def test_resume_on_the_command_line_takes_the_saved_architecture(tmp_path):
+    train(tiny_config(tmp_path, "llama", max_steps=4), **QUIET)
+    cfg, resume, _ = parse_args(["--out-dir", str(tmp_path), "--resume", "--max-steps", "8"])
+    assert resume and cfg.arch == "llama" and cfg.model == tiny_config(tmp_path, "llama").model
+    assert cfg.max_steps == 8
+
+
+def test_presets_give_both_architectures_about_the_same_size():
+    for scale in ("smoke", "cpu", "gpu"):
+        sizes = {}
+        for arch in ("gpt", "llama"):
+            cfg = scale_preset(scale, arch, gpu_memory_bytes=16e9)
+            with torch.device("meta"):
+                sizes[arch] = sum(p.numel() for p in cfg.build_model(50257 if scale == "gpu" else 65).parameters())
+        assert abs(sizes["llama"] / sizes["gpt"] - 1) < 0.1, (scale, sizes)
 
 
 def test_checkpoints_are_safetensors_and_safe_to_load(tmp_path):
@@ -303,11 +386,17 @@ def test_checkpoints_from_before_a_config_field_existed_still_load(tmp_path):
     train(tiny_config(tmp_path, max_steps=4), **QUIET)
     state_file = tmp_path / json.loads((tmp_path / "latest.json").read_text())["state"]
     state = torch.load(state_file, weights_only=True)
-    del state["config"]["tie_embeddings"], state["config"]["init_std"]
+    # the layout of a run from before `arch`: the GPT's settings among the training settings, init_std 0 for
+    # "the default", and no tie_embeddings (older still)
+    config = {**state["config"], **state["config"].pop("model"), "init_std": 0.0}
+    del config["arch"], config["tie_embeddings"]
+    state["config"] = config
     torch.save(state, state_file)
     load_checkpoint(tmp_path, tiny_config(tmp_path))
-    assert load_run(tmp_path)[0].cfg.tie_embeddings                        # the missing field's default
-    assert TrainConfig.from_dict({**state["config"], "a_field_of_the_future": 1}).n_embd == 32
+    model = load_run(tmp_path)[0]
+    assert model.cfg.tie_embeddings and model.cfg.init_std is None and model.cfg.n_embd == 32
+    old = TrainConfig.from_dict({**config, "a_field_of_the_future": 1})
+    assert old.model == TrainConfig(model=TINY_MODEL).model          # every setting, the missing ones defaulted
     with pytest.raises(ConfigError, match="tie_embeddings: checkpoint True, now False"):
         load_checkpoint(tmp_path, tiny_config(tmp_path, tie_embeddings=False))
 
