@@ -8,12 +8,11 @@ steps alternate round by round (train_step.py's `interleaved_seconds`) so the ma
 Prints tokens/s of each and their ratio, for training steps and for evaluation (the loss under no_grad).
 """
 
-import argparse
 import tempfile
 import warnings
 
 import torch
-from train_step import hf_eval, hf_step, interleaved_seconds, ours_eval, ours_step
+from train_step import hf_step, interleaved_seconds, ours_step, print_evaluation_race, race_arguments
 
 from ch04_pretraining.pretraining import configure_optimizer
 from ch06_llama.llama import LlamaConfig, LlamaModel, swiglu_hidden_size
@@ -27,15 +26,7 @@ hf_logging.disable_progress_bar()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="steps per model per round")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--context-length", type=int, default=256)
-    args = parser.parse_args()
-
+    args = race_arguments(__doc__.split("\n")[0])
     cfg = LlamaConfig(vocab_size=50257, context_length=args.context_length, n_layer=args.n_layer, n_head=4,
                       n_kv_head=2, n_embd=args.n_embd, ffn_hidden=swiglu_hidden_size(args.n_embd, 64),
                       rope_theta=10000.0, rope_scaling=None)
@@ -57,10 +48,7 @@ def main() -> None:
         print(f"  {name:32s} {rate:8.0f} tokens/s")
     ours_name, hf_name = contestants
     print(f"training step, ratio ours / transformers: {rates[ours_name] / rates[hf_name]:.2f}x")
-    evaluation = interleaved_seconds({ours_name: (ours, ours_eval), hf_name: (hf, hf_eval)}, optimizers, x, y,
-                                     args.rounds, args.steps)
-    print(f"evaluation (loss under no_grad): ours {tokens / evaluation[ours_name]:,.0f} tokens/s, transformers "
-          f"{tokens / evaluation[hf_name]:,.0f} tokens/s, ratio {evaluation[hf_name] / evaluation[ours_name]:.2f}x")
+    print_evaluation_race(contestants, optimizers, x, y, args)
 
 
 if __name__ == "__main__":

@@ -65,15 +65,30 @@ def interleaved_seconds(contestants: dict, optimizers: dict, x, y, rounds: int, 
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def race_arguments(description: str) -> argparse.Namespace:
+    """The command line every race between our model and transformers' takes: its length and the model's shape."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=5, help="steps per model per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--context-length", type=int, default=256)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_evaluation_race(contestants: dict, optimizers: dict, x, y, args) -> None:
+    """Time the loss under no_grad for both contestants (ours first) and print tokens/s and the ratio."""
+    (ours_name, (ours, _)), (hf_name, (hf, _)) = contestants.items()
+    evaluation = interleaved_seconds({ours_name: (ours, ours_eval), hf_name: (hf, hf_eval)}, optimizers, x, y,
+                                     args.rounds, args.steps)
+    tokens = args.rounds * args.steps * x.numel()
+    print(f"evaluation (loss under no_grad): ours {tokens / evaluation[ours_name]:,.0f} tokens/s, transformers "
+          f"{tokens / evaluation[hf_name]:,.0f} tokens/s, ratio {evaluation[hf_name] / evaluation[ours_name]:.2f}x")
+
+
+def main() -> None:
+    args = race_arguments(__doc__.split("\n")[0])
 
     cfg = GPTConfig(vocab_size=50257, context_length=args.context_length, n_layer=args.n_layer, n_head=4,
                     n_embd=args.n_embd)
@@ -98,10 +113,7 @@ def main() -> None:
         print(f"  {name:30s} {rates[name]:8.0f} tokens/s   MFU {rates[name] * flops / peak:6.1%}")
     ours_name, hf_name = contestants
     print(f"ratio ours / transformers: {rates[ours_name] / rates[hf_name]:.2f}x")
-    evaluation = interleaved_seconds({ours_name: (ours, ours_eval), hf_name: (hf, hf_eval)}, optimizers, x, y,
-                                     args.rounds, args.steps)
-    print(f"evaluation (loss under no_grad): ours {tokens / evaluation[ours_name]:,.0f} tokens/s, transformers "
-          f"{tokens / evaluation[hf_name]:,.0f} tokens/s, ratio {evaluation[hf_name] / evaluation[ours_name]:.2f}x")
+    print_evaluation_race(contestants, optimizers, x, y, args)
 
 
 if __name__ == "__main__":

@@ -614,13 +614,13 @@ class BPETokenizer(Tokenizer):
         return cls(ranks, special_tokens or {}, pattern)
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def from_gguf(cls, path) -> "BPETokenizer":
         """The byte-level BPE tokenizer stored in a GGUF model file's metadata (chapter 6): its tokens, merges,
-        special (control) tokens, and the split pattern its `tokenizer.ggml.pre` names. Needs the `gguf`
-        package."""
+        special (control) tokens, and the split pattern its `tokenizer.ggml.pre` names. `path` may also be an
+        open `gguf.GGUFReader`. Needs the `gguf` package."""
         import gguf
 
-        fields = gguf.GGUFReader(path).fields
+        fields = (path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)).fields
 
         def value(key: str):
             if key not in fields:

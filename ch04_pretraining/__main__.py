@@ -77,8 +77,9 @@ def train_parser(arch: str = "gpt", scale: str = "cpu") -> argparse.ArgumentPars
                         help="preset to start from: smoke (seconds), cpu (a minute or two), gpu (a ~124M model, "
                              "an hour) (default: cpu)")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
-                        help="the model: gpt (chapter 3) or llama (chapter 6); --help after it lists that model's "
-                             "settings (default: gpt, or the resumed run's)")
+                        help="the model: gpt (chapter 3), llama (chapter 6) or hybrid (chapter 6's Llama with parts "
+                             "of GPT-2); --help after it lists that model's settings (default: gpt, or the resumed "
+                             "run's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest checkpoint, with its own settings")
     parser.add_argument("--overwrite", action="store_true",

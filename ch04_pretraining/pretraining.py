@@ -198,7 +198,9 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
 # name -> (module, config class, model class). A module is imported when a run asks for its architecture, so
 # chapter 4 needs no later chapter, and chapter 6's Llama trains with this same code.
 ARCHITECTURES = {"gpt": ("ch03_gpt_model.gpt", "GPTConfig", "GPTModel"),
-                 "llama": ("ch06_llama.llama", "LlamaConfig", "LlamaModel")}
+                 "llama": ("ch06_llama.llama", "LlamaConfig", "LlamaModel"),
+                 # a Llama with chosen parts switched back to GPT-2's: chapter 6's one-change-at-a-time comparison
+                 "hybrid": ("ch06_llama.llama", "HybridConfig", "HybridModel")}
 
 
 def architecture(name: str) -> tuple[type, type]:
@@ -227,7 +229,7 @@ class TrainConfig:
     # data and model
     data: str = knob("tinyshakespeare", "a registered data set (see shared/data.py) or a UTF-8 text file")
     tokenizer: str = knob("char", "char, gpt2, or a file written by Tokenizer.save (chapter 1)")
-    arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2) or llama (chapter 6)")
+    arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2), llama or hybrid (chapter 6)")
     model: dict = field(default_factory=lambda: dict(BABY_GPT), metadata={
         "help": "the model's settings: fields of the architecture's config (vocab_size aside, which the "
                 "tokenizer decides); those left out take the config's defaults, and are filled in"})
@@ -1085,6 +1087,8 @@ PRESET_MODELS = {
     ("gpu", "llama"): dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, ffn_hidden=2304, context_length=1024,
                            rope_theta=10000.0, rope_scaling=None),
 }
+# the hybrid starts as its scale's Llama; its own settings (norm, positions, mlp) switch parts back to GPT-2's
+PRESET_MODELS |= {(scale, "hybrid"): model for (scale, arch), model in list(PRESET_MODELS.items()) if arch == "llama"}
 
 
 def scale_preset(scale: str, arch: str = "gpt", gpu_memory_bytes: float | None = None) -> TrainConfig:

@@ -319,12 +319,16 @@ class LlamaModel(nn.Module):
         inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device)
         return rope_cos_sin(inv_freq, positions)
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) ids -> (batch, seq, n_embd) vectors entering the first block: the token embedding."""
+        return self.model.embed_tokens(idx)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy
         (targets of -100 ignored), computed by chapter 3's `linear_cross_entropy`."""
         check_token_inputs(idx, targets, self.cfg.context_length)
         cos, sin = self.rope(torch.arange(idx.shape[1], device=idx.device))
-        x = self.model.embed_tokens(idx)
+        x = self.embed(idx)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         x = self.model.norm(x)
@@ -350,12 +354,12 @@ class LlamaModel(nn.Module):
         return model
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "LlamaModel":
+    def from_gguf(cls, path) -> "LlamaModel":
         """A model with the weights of a GGUF file (llama.cpp's format; F32, F16, Q8_0 or Q4_1 tensors),
-        dequantized to float32, in evaluation mode. Needs the `gguf` package."""
+        dequantized to float32, in evaluation mode. `path` may also be an open `gguf.GGUFReader`."""
         import gguf
 
-        reader = gguf.GGUFReader(path)
+        reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
         cfg = config_from_gguf(reader)
         with torch.device("meta"):                       # no memory, no random initialisation:
             model = cls(cfg)
@@ -623,3 +627,68 @@ def special_tokens_from_hf(tokenizer_config: str | os.PathLike) -> dict[str, int
     config = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
     return {entry["content"]: int(i) for i, entry in config.get("added_tokens_decoder", {}).items()
             if entry.get("special", True)}
+
+
+# ---- Training a Llama with chapter 4's trainer -----------------------------------------------------------
+
+class GeluMLP(nn.Module):
+    """GPT-2's feed-forward block without its biases: down(gelu(up(x))), `hidden` wide (4 * n_embd in GPT-2)."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+@dataclass(frozen=True)
+class HybridConfig(LlamaConfig):
+    """A Llama with some of its parts switched back to GPT-2's, for the one-change-at-a-time comparison. The
+    defaults are Llama's; chapter 4's trainer knows it as the architecture "hybrid"."""
+
+    norm: str = knob("rms", "rms (Llama's RMSNorm) or layer (GPT-2's LayerNorm, here without bias)")
+    positions: str = knob("rope", "rope (Llama) or learned (GPT-2's position table, added to the input)")
+    mlp: str = knob("swiglu", "swiglu (Llama) or gelu (GPT-2's MLP, ffn_hidden wide, here without biases)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, choices in [("norm", ("rms", "layer")), ("positions", ("rope", "learned")),
+                              ("mlp", ("swiglu", "gelu"))]:
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"must be {' or '.join(choices)}, got {getattr(self, name)!r}")
+
+
+class HybridModel(LlamaModel):
+    """`LlamaModel` with the parts `HybridConfig` names swapped back for GPT-2's: LayerNorms for the RMSNorms,
+    a learned position table instead of RoPE (the rotation becomes the identity), a GELU MLP for SwiGLU."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__(cfg)
+
+        def norm() -> nn.Module:
+            if cfg.norm == "layer":
+                return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=False)
+            return RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+        for layer in self.model.layers:
+            layer.input_layernorm, layer.post_attention_layernorm = norm(), norm()
+            if cfg.mlp == "gelu":
+                layer.mlp = GeluMLP(cfg.n_embd, cfg.ffn_hidden)
+        self.model.norm = norm()
+        if cfg.positions == "learned":
+            self.model.wpe = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self._init_weights(cfg.weight_std, cfg.n_layer)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.positions == "rope":
+            return super().rope(positions)
+        ones = torch.ones(len(positions), self.cfg.head_dim, device=positions.device)
+        return ones, torch.zeros_like(ones)                      # cos 1, sin 0: every rotation by zero
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = super().embed(idx)
+        if self.cfg.positions == "learned":
+            x = x + self.model.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return x

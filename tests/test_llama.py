@@ -12,7 +12,10 @@ from ch01_tokenization.tokenization import BPETokenizer
 from ch03_gpt_model.gpt import generate
 from ch06_llama.llama import (
     LLAMA_CONFIGS,
+    GeluMLP,
     GroupedQueryAttention,
+    HybridConfig,
+    HybridModel,
     LlamaConfig,
     LlamaModel,
     RMSNorm,
@@ -254,6 +257,35 @@ def test_download_offline_is_a_data_unavailable_error(monkeypatch, tmp_path):
         download_llama_hf("meta-llama/Llama-3.2-1B-Instruct", token="hf_not_a_real_token")
 
 
+# ---- the hybrid of the ablation ------------------------------------------------------------
+
+def test_hybrid_with_llamas_parts_is_a_llama():
+    torch.manual_seed(0)
+    llama = LlamaModel(small())
+    hybrid = HybridModel(HybridConfig(**dataclasses.asdict(small())))
+    hybrid.load_state_dict(llama.state_dict())
+    idx = torch.randint(0, 97, (2, 30))
+    assert torch.equal(hybrid(idx), llama(idx))
+
+
+def test_hybrid_swaps_each_part_back_to_gpt2s():
+    cfg = HybridConfig(**{**dataclasses.asdict(small()), "norm": "layer", "positions": "learned", "mlp": "gelu",
+                          "ffn_hidden": 128})
+    model = HybridModel(cfg)
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, torch.nn.LayerNorm) and layer.input_layernorm.bias is None
+    assert isinstance(model.model.norm, torch.nn.LayerNorm) and isinstance(layer.mlp, GeluMLP)
+    assert model.model.wpe.weight.shape == (64, 32)
+    cos, sin = model.rope(torch.arange(5))
+    assert torch.equal(cos, torch.ones(5, 8)) and torch.equal(sin, torch.zeros(5, 8))     # no rotation
+    idx = torch.randint(0, 97, (1, 20))
+    shifted = model(torch.cat([idx[:, :1], idx], dim=1))[:, 1:]
+    assert not torch.allclose(model(idx), shifted, atol=1e-4)        # learned positions: the position matters
+    assert model(idx, idx).isfinite()
+    with pytest.raises(ConfigError, match="mlp: must be swiglu or gelu"):
+        HybridConfig(**{**dataclasses.asdict(small()), "mlp": "relu"})
+
+
 # ---- quantization and the real model --------------------------------------------------------
 
 def test_q4_1_round_trip_and_layout():
@@ -297,8 +329,8 @@ def test_dequantization_is_bit_identical_to_the_gguf_package(reader):
 
 
 @pytest.fixture(scope="module")
-def smollm(gguf_path):
-    return LlamaModel.from_gguf(gguf_path)
+def smollm(reader):
+    return LlamaModel.from_gguf(reader)                  # an open reader (the tokenizer below reads the path)
 
 
 def test_from_gguf_logits_equal_transformers(smollm, gguf_path):

@@ -341,6 +341,16 @@ def test_cli_flags_come_from_the_architectures_config(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_hybrid_of_chapter_6_trains_and_has_its_own_flags(tmp_path):
+    result = train(tiny_config(tmp_path, "hybrid", norm="layer", positions="learned", mlp="gelu", ffn_hidden=128,
+                               max_steps=20, eval_interval=20), **QUIET)
+    rows = read_metrics(tmp_path)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3 and type(result["model"]).__name__ == "HybridModel"
+    assert {"norm", "positions", "mlp"} <= {action.dest for action in train_parser("hybrid")._actions}
+    cfg, _, _ = parse_args(["--arch", "hybrid", "--scale", "smoke", "--norm", "layer"])
+    assert cfg.model["norm"] == "layer" and cfg.model["n_kv_head"] == scale_preset("smoke", "llama").model["n_kv_head"]
+
+
 def test_cli_fits_the_gpu_batch_to_the_model_after_the_flags():
     default, _, _ = parse_args(["--scale", "gpu"])
     wide, _, _ = parse_args(["--scale", "gpu", "--n-embd", "1536", "--n-head", "16"])
@@ -724,12 +734,15 @@ def test_rows_that_do_not_fit_the_model_are_skipped_and_counted():
     assert (result["n"], result["too_long"], result["unencodable"], result["skipped"]) == (1, 1, 1, 2)
 
 
-def test_hellaswag_on_the_sample():
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_hellaswag_on_the_sample(arch):
+    """The gpu scale scores HellaSwag after chapter 4's GPT-2 run and after chapter 6's Llama run."""
     rows = hellaswag_rows(fetch("hellaswag-val-sample"))
     assert len(rows) == 1000 and all(len(r["endings"]) == 4 for r in rows)
     torch.manual_seed(0)
     tokenizer = TiktokenTokenizer("gpt2")
-    model = GPTModel(GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, n_layer=1, n_head=2, n_embd=16))
+    cfg = tiny_config("unused", arch, context_length=128)
+    model = cfg.build_model(tokenizer.n_vocab)
     result = evaluate_hellaswag(model, tokenizer, rows[:40])
     assert result["n"] == 40 and result["skipped"] == 0 and 0 <= result["acc_norm"] <= 1
 
