@@ -174,7 +174,7 @@ class GroupedQueryAttention(nn.Module):
 
     def shared(self, kv: torch.Tensor) -> torch.Tensor:
         """(batch, n_kv_head, seq, head_dim) -> (batch, n_head, seq, head_dim): each kv head repeated for its
-        group of query heads (a view until the attention kernel reads it)."""
+        group of query heads (`reshape` copies them; the cache of part 2 keeps only the n_kv_head originals)."""
         batch, _, seq, dim = kv.shape
         group = self.n_head // self.n_kv_head
         return kv[:, :, None].expand(batch, self.n_kv_head, group, seq, dim).reshape(batch, self.n_head, seq, dim)
@@ -596,7 +596,11 @@ def chat_prompt(messages: list[dict], template: str, add_generation_prompt: bool
     for message in messages:
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r}")
+    def raise_exception(message: str):                   # templates call it to refuse a conversation
+        raise ValueError(f"the chat template refuses these messages: {message}")
+
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
     return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                     **variables)
 

@@ -379,3 +379,7 @@ def test_chat_template_and_answer(smollm, smollm_tokenizer, reader):
     assert "Paris" in smollm_tokenizer.decode(out[0, len(ids):].tolist())
     with pytest.raises(ValueError, match="role"):
         chat_prompt([{"content": "no role"}], template)
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with the user') }}{% endif %}ok"
+    assert chat_prompt(messages, strict) == "ok"
+    with pytest.raises(ValueError, match="refuses these messages: start with the user"):
+        chat_prompt([{"role": "assistant", "content": "hi"}], strict)
