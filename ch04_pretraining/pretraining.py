@@ -322,8 +322,8 @@ class TrainConfig:
 
     @property
     def context_length(self) -> int:
-        """Tokens the model sees at once, from the model's settings."""
-        return self.model_config(self.vocab_multiple).context_length
+        """Tokens the model sees at once, from the model's settings (written out in full by __post_init__)."""
+        return self.model["context_length"]
 
 
 # ---- One run per folder ----------------------------------------------------------------------------------
@@ -1029,7 +1029,8 @@ def activation_bytes_per_token(cfg: TrainConfig, mixed_precision: bool = True) -
 
 @functools.lru_cache(maxsize=16)
 def _measured_activation_bytes(arch: str, settings: str, mixed_precision: bool) -> float:
-    model_class, model_cfg = architecture(arch)[1], architecture(arch)[0](**json.loads(settings))
+    config_class, model_class = architecture(arch)
+    model_cfg = config_class(**json.loads(settings))
     saved = {}
     for n_layer in (1, 2):
         torch.manual_seed(0)
