@@ -153,17 +153,22 @@ class GPTModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - (self.transformer.wpe.weight.numel() if exclude_positions else 0)
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) ids -> (batch, seq, n_embd): the last block's output after the final LayerNorm, which
+        is what the output layer reads (chapter 5 puts a classifier on it instead)."""
+        check_token_inputs(idx, None, self.cfg.context_length)
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy,
         computed by `linear_cross_entropy` without ever holding all the logits. Targets of -100 are
         ignored, as in `F.cross_entropy`."""
         check_token_inputs(idx, targets, self.cfg.context_length)
-        seq = idx.shape[1]
-        positions = torch.arange(seq, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x)
         return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())

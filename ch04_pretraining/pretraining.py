@@ -8,7 +8,8 @@
 - A run: `TrainConfig` (each field a flag of `python -m ch04_pretraining`), `ConfigError`, the run
   directory (`prepare_run_dir`, `run_lock`), checkpoints (`save_checkpoint`, `load_checkpoint`,
   `load_run`), metrics (`read_metrics`, `read_steps`), `estimate_loss`, one step (`micro_batches`,
-  `accumulate_gradients`, `apply_update`), `train`, `fit_micro_batch`, `scale_preset`.
+  `accumulate_gradients`, `apply_update`), the data a run trains on (`TokenWindows`), `train` (and
+  `run_training`, for any model and data), `fit_micro_batch`, `scale_preset`.
 - Measuring a model: `nats_per_character`, `attention_maps`, `evaluate_hellaswag`.
 """
 import functools
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -257,6 +259,10 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model: faster steps on a GPU, after about a minute")
     time_budget_min: float = knob(0.0, "fit the schedule into this many minutes and stop by then; 0: no limit")
 
+    # fields, besides arch, data, tokenizer, vocab_multiple and the model's, that a resumed run must share with
+    # its checkpoint (a subclass with settings of its own, as chapter 5's finetuning has, names them here)
+    SAME_RUN_FIELDS: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self):
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -428,8 +434,9 @@ def checkpoint_paths(out_dir: Path, step: int) -> tuple[Path, Path]:
 
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int, cfg: TrainConfig,
-                    sampler: BatchSampler, keep: int = 2) -> Path:
-    """Write weights (safetensors) and training state (optimizer, step, config, sampler and RNG state),
+                    data, keep: int = 2) -> Path:
+    """Write weights (safetensors) and training state (optimizer, step, config, the position of the `data`
+    (anything with a `state_dict`, such as a BatchSampler) and RNG state),
     each to a temporary file renamed into place, then point `latest.json` at them.
 
     Of the checkpoints before this one, the newest `keep - 1` stay; checkpoints of later steps (left by a
@@ -437,12 +444,11 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     """
     out_dir = Path(out_dir)
     weights_path, state_path = checkpoint_paths(out_dir, step)
-    tied = model.cfg.tie_embeddings                     # a tied head is the embedding: saved once
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if not (tied and k == "lm_head.weight")}
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+               if name not in tied_names(model)}               # a tied head is the embedding: saved once
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp))
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
-             "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "sampler": data.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     pointer = json.dumps({"step": step, "weights": weights_path.name, "state": state_path.name})
@@ -503,9 +509,9 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tupl
 
 
 def _check_same_run(saved_config: dict, cfg: TrainConfig) -> None:
-    saved = TrainConfig.from_dict(saved_config)
+    saved = type(cfg).from_dict(saved_config)
     different = [f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(cfg, name)!r}"
-                 for name in _SAME_RUN_FIELDS if getattr(saved, name) != getattr(cfg, name)]
+                 for name in _SAME_RUN_FIELDS + cfg.SAME_RUN_FIELDS if getattr(saved, name) != getattr(cfg, name)]
     if saved.arch == cfg.arch:
         then, now = asdict(saved.model_config(1)), asdict(cfg.model_config(1))
         different += [f"{f.name}: checkpoint {then[f.name]!r}, now {now[f.name]!r}" for f in model_settings(cfg.arch)
@@ -515,10 +521,22 @@ def _check_same_run(saved_config: dict, cfg: TrainConfig) -> None:
                           "the checkpoint was trained with another config: " + "; ".join(different))
 
 
+def tied_names(model: nn.Module) -> set[str]:
+    """Names in the state dict of tensors that an earlier name already holds: a tied output layer is the
+    token embedding, and is saved once, under the embedding's name."""
+    seen, tied = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load a checkpoint's weights, every tensor required but a tied output layer's (it is the embedding)."""
+    """Load a checkpoint's weights, every tensor required but a tied one's (it is another tensor, loaded)."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    tied = tied_names(model)
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"the checkpoint does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
@@ -605,6 +623,38 @@ def micro_batches(tokens, starts: torch.Tensor, cfg: TrainConfig, rank: int, wor
         piece = (micro * world + rank) * cfg.batch_size
         batches.append(get_batch(tokens, starts[piece:piece + cfg.batch_size], cfg.context_length, device))
     return batches
+
+
+class TokenWindows:
+    """Pretraining's data as a run sees it: for each step, this process's micro-batches of random windows of
+    the training tokens (`next_micro_batches`); a fixed evaluation of both splits (`evaluate`); a state to
+    save and restore (`state_dict`, `load_state_dict`); and a first token to start samples from (`prompt`).
+
+    `train` trains any object with these methods: chapter 5 finetunes on labelled examples this way."""
+
+    def __init__(self, train_tokens, val_tokens, cfg: TrainConfig):
+        self.splits, self.cfg = {"train": train_tokens, "val": val_tokens}, cfg
+        self.sampler = BatchSampler(train_tokens, cfg.context_length, cfg.seed)
+
+    def next_micro_batches(self, rank: int, world: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        starts = self.sampler.next_starts(self.cfg.batch_size * self.cfg.grad_accum * world)
+        return micro_batches(self.splits["train"], starts, self.cfg, rank, world, device)
+
+    def evaluate(self, model: nn.Module, precision: Precision) -> dict[str, float]:
+        """{"train_loss": ..., "val_loss": ...} on the same windows every time."""
+        cfg = self.cfg
+        losses = estimate_loss(model, self.splits, cfg.eval_iters, cfg.batch_size, cfg.context_length, precision,
+                               seed=cfg.seed)
+        return {f"{name}_loss": loss for name, loss in losses.items()}
+
+    def prompt(self) -> list[int]:
+        return [int(self.splits["val"][0])]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def accumulate_gradients(model: nn.Module, batches: list, precision: Precision, scaler, ddp: bool) -> torch.Tensor:
@@ -787,13 +837,13 @@ def record_run(out_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer, resume: bo
                               f"({change}); resume with the data it started with")
 
 
-def restore(out_dir: Path, cfg: TrainConfig, model, optimizer, sampler) -> tuple[int, TrainConfig]:
-    """Load the newest readable checkpoint into model, optimizer, sampler and the RNGs: (its step, the config
+def restore(out_dir: Path, cfg: TrainConfig, model, optimizer, data) -> tuple[int, TrainConfig]:
+    """Load the newest readable checkpoint into model, optimizer, data (its sampler) and the RNGs: (its step, the config
     to continue with, which keeps a schedule that was fitted to a time budget)."""
     weights, state = load_checkpoint(out_dir, cfg)
     load_weights(model, weights)
     optimizer.load_state_dict(state["optimizer"])
-    sampler.load_state_dict(state["sampler"])
+    data.load_state_dict(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -817,19 +867,19 @@ def fit_to_budget(cfg: TrainConfig, step: int, seconds_per_step: float, elapsed:
 
 @dataclass
 class Run:
-    """A training run once set up: what `train` hands to `training_loop`."""
+    """A training run once set up: what `run_training` hands to `training_loop`."""
 
     cfg: TrainConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: BatchSampler
+    data: object                 # TokenWindows, or anything with its methods
     tokenizer: Tokenizer
-    splits: dict                 # {"train": tokens, "val": tokens}
     precision: Precision
     step: int = 0
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    command: str = "python -m ch04_pretraining"          # what the summary tells the reader to run next
 
     @property
     def main(self) -> bool:
@@ -861,6 +911,20 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=
     data-parallel. `data` = (tokenizer, train tokens, val tokens) skips loading; `clock` is what the time
     budget and the speed figures read.
     """
+    def setup(cfg: TrainConfig):
+        tokenizer, train_tokens, val_tokens = data if data is not None else load_data(cfg)
+        return cfg, cfg.build_model(tokenizer.n_vocab), tokenizer, TokenWindows(train_tokens, val_tokens, cfg)
+
+    return run_training(cfg, setup, resume, overwrite, log, progress, clock)
+
+
+def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None, progress: bool = True,
+                 clock: Callable[[], float] = time.perf_counter, command: str = "python -m ch04_pretraining") -> dict:
+    """What `train` does, for any model and data: `setup(cfg)` returns (cfg, model, tokenizer, data), and is
+    called once the run folder is checked and locked and the seed set. The cfg it returns (which may fill in
+    what only the data or a base model decide) is the one saved, resumed and trained with; `data` is a
+    TokenWindows or an object with its methods. `command` is the command line the summary suggests."""
     rank, local_rank, world = distributed_context()
     ddp = world > 1
     device = join_processes(get_device(cfg.device), local_rank) if ddp else get_device(cfg.device)
@@ -872,16 +936,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=
     try:
         with (run_lock(out_dir) if main else nullcontext()), StopRequests() as stop:
             main_process_first(lambda: prepare_run_dir(out_dir, resume, overwrite), main, ddp, device)
-            tokenizer, train_tokens, val_tokens = data if data is not None else load_data(cfg)
-            main_process_first(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
             torch.manual_seed(cfg.seed)
-            model = cfg.build_model(tokenizer.n_vocab).to(device)
+            cfg, model, tokenizer, data = setup(cfg)
+            main_process_first(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
+            model = model.to(device)
             run = Run(cfg, model, configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)),
-                      BatchSampler(train_tokens, cfg.context_length, cfg.seed), tokenizer,
-                      {"train": train_tokens, "val": val_tokens}, choose_precision(device),
-                      rank=rank, world=world, local_rank=local_rank)
+                      data, tokenizer, choose_precision(device), rank=rank, world=world, local_rank=local_rank,
+                      command=command)
             if resume:
-                run.step, run.cfg = restore(out_dir, cfg, model, run.optimizer, run.sampler)
+                run.step, run.cfg = restore(out_dir, cfg, model, run.optimizer, run.data)
                 log(f"resumed from step {run.step}")
             if main:                                # a resumed run's rows from after its checkpoint go
                 _keep_rows_before(out_dir / METRICS_FILE, run.step)        # (this step is evaluated again)
@@ -904,9 +967,8 @@ def training_loop(run: Run, stop: StopRequests, log: Callable[[str], None], prog
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision.use_grad_scaler)
     global_batch = cfg.batch_size * cfg.grad_accum * run.world
-    tokens_per_step = global_batch * cfg.context_length
     log(f"{raw_model.num_parameters():,} parameters on {device} ({run.precision.name}); {run.world} process(es), "
-        f"{tokens_per_step:,} tokens per step")
+        f"{global_batch:,} sequences of up to {cfg.context_length:,} tokens per step")
     start = window_start = clock()
     window_tokens, tokens_per_s, eval_seconds, eval_total, fit_clock = 0, 0.0, 0.0, 0.0, None
     last, best = {}, {"val_loss": math.inf, "step": None}
@@ -920,7 +982,7 @@ def training_loop(run: Run, stop: StopRequests, log: Callable[[str], None], prog
                 last = evaluate(run, tokens_per_s, elapsed=eval_start - start)
                 if run.main:
                     report(run, last, log)
-                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.sampler)
+                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.data)
                 best = min(best, last, key=lambda row: row["val_loss"])
                 window_start, window_tokens = clock(), 0
                 eval_seconds = window_start - eval_start
@@ -935,18 +997,18 @@ def training_loop(run: Run, stop: StopRequests, log: Callable[[str], None], prog
             over_budget = bool(cfg.time_budget_min) and clock() - start > 60 * cfg.time_budget_min
             if run.step >= cfg.max_steps or any_process(stop.received is not None or over_budget, run.ddp, device):
                 if run.step < cfg.max_steps and run.main:
-                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.sampler)
+                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.data)
                 break
             step_start = clock()
             lr = lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            batches = micro_batches(run.splits["train"], run.sampler.next_starts(global_batch), cfg, run.rank,
-                                    run.world, device)
+            batches = run.data.next_micro_batches(run.rank, run.world, device)
             loss = accumulate_gradients(model, batches, run.precision, scaler, run.ddp)
             if any_process(not torch.isfinite(loss).item(), run.ddp, device):
                 raise TrainingDiverged(f"the loss became {loss.item()} at step {run.step}: training stopped. "
                                        f"{_last_good(run)}; lower lr or raise warmup_steps, then resume")
             grad_norm = apply_update(raw_model, run.optimizer, scaler, lr, cfg.grad_clip)
             run.step += 1
+            tokens_per_step = sum(x.numel() for x, _ in batches) * run.world
             window_tokens += tokens_per_step
             bar.update()
             if run.main and run.step % cfg.log_interval == 0:
@@ -969,12 +1031,11 @@ def evaluate(run: Run, tokens_per_s: float, elapsed: float) -> dict:
     """The evaluation row of the current step. A non-finite loss stops the run here, before it is written
     down or saved: the newest checkpoint stays the last good one."""
     cfg = run.cfg
-    losses = estimate_loss(run.model, run.splits, cfg.eval_iters, cfg.batch_size, cfg.context_length,
-                           run.precision, seed=cfg.seed)
-    if any_process(not all(map(math.isfinite, losses.values())), run.ddp, run.device):
-        raise TrainingDiverged(f"the evaluation at step {run.step} found a loss of {losses}: training stopped, "
+    measured = run.data.evaluate(run.model, run.precision)
+    if any_process(not all(map(math.isfinite, measured.values())), run.ddp, run.device):
+        raise TrainingDiverged(f"the evaluation at step {run.step} found {measured}: training stopped, "
                                f"nothing saved. {_last_good(run)}; lower lr or raise warmup_steps, then resume")
-    return {"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
+    return {"step": run.step, **measured,
             "lr": lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps),
             "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
 
@@ -987,10 +1048,12 @@ def _last_good(run: Run) -> str:
 def report(run: Run, row: dict, log: Callable[[str], None]) -> None:
     """Append an evaluation to metrics.jsonl, log it, and print a sample if the config asks for one."""
     _append_row(run.out_dir / METRICS_FILE, row)
-    log(f"step {row['step']:5d}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
+    more = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in row.items()
+                   if name not in ("step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"))
+    log(f"step {row['step']:5d}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}{more}, "
         f"{row['tokens_per_s']:,.0f} tokens/s")
     if run.cfg.sample_tokens:
-        prompt = torch.tensor([[int(run.splits["val"][0])]], device=run.device)
+        prompt = torch.tensor([run.data.prompt()], device=run.device)
         sample = generate(run.model, prompt, run.cfg.sample_tokens, temperature=0.8, top_k=40,
                           generator=torch.Generator(device=run.device).manual_seed(run.cfg.seed),
                           vocab_size=run.tokenizer.n_vocab)
@@ -1005,8 +1068,9 @@ def run_summary(run: Run, last: dict, summary: dict) -> str:
              f"best {summary['best_val_loss']:.4f} at step {summary['best_step']}",
              f"  checkpoint: {summary['checkpoint']}"]
     if why:
-        lines.append(f"  continue:   python -m ch04_pretraining --out-dir {out_dir} --resume")
-    lines.append(f"  sample:     python -m ch04_pretraining sample --out-dir {out_dir} --prompt \"...\"")
+        lines.append(f"  continue:   {run.command} --out-dir {out_dir} --resume")
+    if hasattr(run.data, "prompt"):
+        lines.append(f"  sample:     python -m ch04_pretraining sample --out-dir {out_dir} --prompt \"...\"")
     return "\n".join(lines)
 
 

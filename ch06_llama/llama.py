@@ -323,15 +323,21 @@ class LlamaModel(nn.Module):
         """(batch, seq) ids -> (batch, seq, n_embd) vectors entering the first block: the token embedding."""
         return self.model.embed_tokens(idx)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy
-        (targets of -100 ignored), computed by chapter 3's `linear_cross_entropy`."""
-        check_token_inputs(idx, targets, self.cfg.context_length)
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) ids -> (batch, seq, n_embd): the last layer's output after the final RMSNorm, which the
+        output layer reads."""
+        check_token_inputs(idx, None, self.cfg.context_length)
         cos, sin = self.rope(torch.arange(idx.shape[1], device=idx.device))
         x = self.embed(idx)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        x = self.model.norm(x)
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy
+        (targets of -100 ignored), computed by chapter 3's `linear_cross_entropy`."""
+        check_token_inputs(idx, targets, self.cfg.context_length)
+        x = self.hidden_states(idx)
         if targets is None:
             return x @ self.output_weight.t()
         return linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.flatten())
