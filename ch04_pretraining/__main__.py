@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -181,15 +182,22 @@ def sample_main(argv: list[str]) -> int:
     return 0
 
 
-def train_main(argv: list[str]) -> int:
-    cfg, resume, overwrite = parse_args(argv)
+def run_or_report(start: Callable[[], dict]) -> dict | None:
+    """`start()`'s result; or None, once a mistake the reader can fix (a bad setting, data or a base model
+    that cannot be found offline, a diverged run) is printed as one line naming it."""
     try:
-        result = train(cfg, resume=resume, overwrite=overwrite)
+        return start()
     except ConfigError as err:
         print(f"error: {flag(err.field)}: {err.message}", file=sys.stderr)
-        return 1
     except (TrainingDiverged, FileNotFoundError, ValueError) as err:     # FileNotFoundError: offline data too
         print(f"error: {err}", file=sys.stderr)
+    return None
+
+
+def train_main(argv: list[str]) -> int:
+    cfg, resume, overwrite = parse_args(argv)
+    result = run_or_report(lambda: train(cfg, resume=resume, overwrite=overwrite))
+    if result is None:
         return 1
     return 130 if result["interrupted"] else 0
 

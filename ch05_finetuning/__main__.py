@@ -1,0 +1,116 @@
+"""Chapter 5's command line: finetune a base model as a spam classifier or an instruction follower.
+
+    python -m ch05_finetuning classify [--base gpt2|PATH] [--lora-rank R] [--FIELD VALUE ...] [--resume | --overwrite]
+    python -m ch05_finetuning instruct [--base gpt2-medium|PATH] [--mask-prompt] [--epochs E] ...
+
+A run starts from the task's preset at a scale (`--scale`, default gpu: OpenAI's GPT-2, which needs the
+internet once), takes any FinetuneConfig field as a flag, and is chapter 4's run: the same folder, checkpoints,
+metrics.jsonl, `--resume` and Ctrl-C (a checkpoint is saved, and the run can be resumed).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ch04_pretraining.__main__ import _add_flag, flag, run_or_report
+from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
+from ch05_finetuning.finetuning import (
+    TASKS,
+    FinetuneConfig,
+    accuracy,
+    answer_records,
+    finetune,
+    finetune_preset,
+    read_task_data,
+    wilson_interval,
+)
+from shared.files import atomic_write
+
+PROG = "python -m ch05_finetuning"
+# filled in from the base model, or fixed by the task: not flags
+NOT_FLAGS = ("arch", "model", "tokenizer", "vocab_multiple", "task", "sample_tokens")
+
+
+def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
+    """The parser of one task: --scale, --resume, --overwrite and FinetuneConfig's fields, with the preset's
+    values as defaults."""
+    defaults = finetune_preset(task, scale)
+    parser = argparse.ArgumentParser(prog=f"{PROG} {task}", description=__doc__.split("\n")[0] +
+                                     f" Defaults shown are the {scale} preset's.")
+    parser.add_argument("--scale", choices=["smoke", "cpu", "gpu"], default="gpu",
+                        help="preset to start from (default: gpu, OpenAI's GPT-2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its newest checkpoint, with its own settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in --out-dir even though it holds one, deleting that run's files")
+    for field in dataclasses.fields(FinetuneConfig):
+        if field.name not in NOT_FLAGS:
+            _add_flag(parser, field, getattr(defaults, field.name))
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
+    """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
+    if not argv or argv[0] not in TASKS:
+        top = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+        top.add_argument("task", choices=TASKS, help="classify (SMS spam) or instruct (Alpaca instructions)")
+        top.parse_args(argv[:1])                            # prints the usage and exits
+    task, argv = argv[0], argv[1:]
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--scale", default="gpu")
+    first.add_argument("--out-dir")
+    first.add_argument("--resume", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    scale = known.scale if known.scale in ("smoke", "cpu", "gpu") else "gpu"
+    parser = finetune_parser(task, scale)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite replaces it: give one of them")
+    base = finetune_preset(task, scale)
+    saved = Path(args.out_dir or base.out_dir) / CONFIG_FILE
+    if args.resume and saved.is_file():
+        base = FinetuneConfig.from_dict(json.loads(saved.read_text()))
+        if base.task != task:
+            parser.error(f"the run in {saved.parent} is a {base.task} run, not {task}")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+             if f.name not in NOT_FLAGS and getattr(args, f.name) is not None}
+    try:
+        cfg = dataclasses.replace(base, **given)
+    except ConfigError as err:
+        parser.error(f"{flag(err.field)}: {err.message}")
+    return cfg, args.resume, args.overwrite
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume, overwrite = parse_args(list(sys.argv[1:] if argv is None else argv))
+    result = run_or_report(lambda: finetune(cfg, resume=resume, overwrite=overwrite))
+    if result is None:
+        return 1
+    if result["interrupted"] or result["stopped_by"]:
+        return 130 if result["interrupted"] else 0
+    report_test_set(cfg, result)
+    return 0
+
+
+def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
+    """After a finished run: the test accuracy with its 95% interval (classify), or the answers to the test
+    instructions, saved as OUT_DIR/test-responses.json with their ROUGE-L (instruct)."""
+    model, tokenizer = result["model"].eval(), result["tokenizer"]
+    test = read_task_data(cfg)["test"]
+    if cfg.task == "classify":
+        score = accuracy(model, tokenizer, test)[0]
+        low, high = wilson_interval(round(score * len(test)), len(test))
+        print(f"test accuracy {score:.1%} on {len(test)} messages (95% interval {low:.1%} to {high:.1%})")
+        return
+    answers = answer_records(model, tokenizer, test)
+    path = Path(cfg.out_dir) / "test-responses.json"
+    text = json.dumps(answers, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    mean = sum(a["rouge_l"] for a in answers) / len(answers)
+    print(f"{len(answers)} test answers in {path}; mean ROUGE-L {mean:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

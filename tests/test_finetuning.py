@@ -1,0 +1,526 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ch01_tokenization.tokenization import TiktokenTokenizer
+from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel
+from ch04_pretraining.pretraining import ConfigError, read_metrics, train
+from ch05_finetuning.__main__ import parse_args
+from ch05_finetuning.finetuning import (
+    BagOfWords,
+    ExampleBatches,
+    FinetuneConfig,
+    LoRALinear,
+    SequenceClassifier,
+    accuracy,
+    alpaca_prompt,
+    apply_lora,
+    balanced_split,
+    bucketed_order,
+    classify,
+    confusion_matrix,
+    count_parameters,
+    finetune,
+    finetune_preset,
+    instruction_batch,
+    judge_scores,
+    last_token_index,
+    load_base,
+    load_finetuned,
+    load_peft_adapter,
+    lora_targets,
+    merge_lora,
+    pad_batch,
+    padded_tokens,
+    read_sms_spam,
+    rouge_l,
+    save_peft_adapter,
+    split_records,
+    tokenize_instruction,
+    train_last_blocks,
+    training_memory_bytes,
+    truncated,
+    wilson_interval,
+    wrap_for_task,
+)
+from shared.data import DataUnavailableError, fetch
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = dict(log=lambda message: None, progress=False)
+TINY = GPTConfig(vocab_size=50257, context_length=128, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny_gpt(seed=0, **changes) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(replace(TINY, **changes))
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with GPT-2's vocabulary, saved as a Hugging Face folder: a base `load_base` reads offline."""
+    return tiny_gpt().save_pretrained_hf(tmp_path_factory.mktemp("base"))
+
+
+# ---- the classifier ---------------------------------------------------------------------------------------
+
+def test_last_token_index_finds_where_each_row_ends():
+    idx = torch.tensor([[5, 6, 7, 9, 9], [5, 9, 9, 9, 9], [9, 9, 9, 9, 9], [1, 2, 3, 4, 5]])
+    assert last_token_index(idx, pad_id=9).tolist() == [2, 0, 0, 4]
+
+
+def test_prediction_does_not_change_with_padding():
+    model = SequenceClassifier(tiny_gpt(), 2, pad_id=50256).eval()
+    ids = [11, 22, 33, 44]
+    alone = model(torch.tensor([ids]))
+    for extra in (1, 7, 30):
+        padded = model(torch.tensor([ids + [50256] * extra]))
+        torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)
+    # reading the last padded position instead would not be padding-invariant: the claim has teeth
+    hidden = model.base.hidden_states(torch.tensor([ids + [50256] * 7]))
+    assert not torch.allclose(model.score(hidden[:, -1]), alone, atol=1e-3)
+
+
+def test_classifier_equals_transformers_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = SequenceClassifier(tiny_gpt(seed=3), 2, pad_id=50256).eval()
+    base = tiny_gpt(seed=3)
+    base.save_pretrained_hf(tmp_path)
+    theirs = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path, num_labels=2,
+                                                                         pad_token_id=50256).eval()
+    with torch.no_grad():
+        theirs.score.weight.copy_(ours.score.weight)
+    ids = pad_batch([[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], pad_id=50256)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_train_last_blocks_freezes_the_rest():
+    model = SequenceClassifier(tiny_gpt(), 2, pad_id=50256)
+    head = model.score.weight.numel()
+    assert count_parameters(train_last_blocks(model, 0), trainable_only=True) == head
+    block = sum(p.numel() for p in model.base.transformer.h[1].parameters())
+    norm = sum(p.numel() for p in model.base.transformer.ln_f.parameters())
+    assert count_parameters(train_last_blocks(model, 1), trainable_only=True) == head + block + norm
+    assert not any(p.requires_grad for p in model.base.transformer.h[0].parameters())
+    assert count_parameters(train_last_blocks(model, -1), trainable_only=True) == count_parameters(model)
+    with pytest.raises(ConfigError, match="train_blocks"):
+        train_last_blocks(model, 3)
+
+
+def test_classify_and_accuracy_on_free_text():
+    tokenizer = TiktokenTokenizer("gpt2")
+    model = SequenceClassifier(tiny_gpt(), 2, pad_id=50256)
+    texts = [("WIN a FREE prize now", 1), ("see you at lunch", 0), ("", 0), ("x " * 500, 1)]  # empty, too long
+    score, predicted = accuracy(model, tokenizer, texts, batch_size=3)
+    assert predicted.shape == (4,) and score == (predicted == torch.tensor([1, 0, 0, 1])).float().mean().item()
+    assert classify(model, tokenizer, "hello") in ("ham", "spam")
+
+
+def test_confusion_matrix_and_wilson_interval():
+    assert confusion_matrix([0, 0, 1, 1, 1], [0, 1, 1, 1, 0]).tolist() == [[1, 1], [1, 2]]
+    low, high = wilson_interval(285, 300)                     # 95% of 300: about +-2.4 points
+    assert 0.917 < low < 0.920 and 0.967 < high < 0.970
+    assert wilson_interval(300, 300)[1] == pytest.approx(1.0) and wilson_interval(300, 300)[0] < 1
+    with pytest.raises(ValueError):
+        wilson_interval(3, 0)
+
+
+def test_bag_of_words_learns_words_that_mark_a_class():
+    texts = [("free prize call now", 1), ("win cash free", 1), ("lunch at noon", 0), ("see you at home", 0)] * 5
+    model = BagOfWords([t for t, _ in texts], min_count=1).fit([t for t, _ in texts], [y for _, y in texts])
+    assert model.accuracy(texts) == 1.0
+    assert model.accuracy([("free cash now", 1), ("home at noon", 0)]) == 1.0
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+def test_spam_data_is_balanced_and_split_70_10_20():
+    examples = read_sms_spam(fetch("sms-spam"))
+    assert len(examples) == 5574 and sum(label for _, label in examples) == 747
+    splits = balanced_split(examples)
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [1045, 149, 300]
+    everything = Counter(e for split in splits.values() for e in split)
+    assert sum(label * n for (_, label), n in everything.items()) == 747 and everything <= Counter(examples)
+    assert balanced_split(examples) == splits and balanced_split(examples, seed=1) != splits
+
+
+def test_read_sms_spam_names_a_bad_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("ham\thello\nmaybe spam\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_sms_spam(path)
+
+
+def test_instruction_split_and_prompt():
+    records = json.loads(fetch("instruction-data").read_text())
+    splits = split_records(records)
+    assert [len(splits[n]) for n in ("train", "val", "test")] == [935, 55, 110]
+    with_input = next(r for r in records if r["input"])
+    prompt = alpaca_prompt(with_input)
+    assert prompt.endswith("### Response:\n") and "### Input:\n" + with_input["input"] in prompt
+    assert "### Input" not in alpaca_prompt({**with_input, "input": ""})
+
+
+def test_instruction_batch_pads_masks_and_learns_the_end_token():
+    eot = 50256
+    examples = [([1, 2, 3], [4, 5, eot]), ([1, 2], [6, eot])]
+    x, y = instruction_batch(examples, pad_id=eot, max_length=100)
+    assert x.tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, eot, eot]]
+    assert y.tolist() == [[2, 3, 4, 5, eot], [2, 6, eot, -100, -100]]      # first end token kept, padding ignored
+    x, y = instruction_batch(examples, pad_id=eot, max_length=100, mask_prompt=True)
+    assert y.tolist() == [[-100, -100, 4, 5, eot], [-100, 6, eot, -100, -100]]
+    x, y = instruction_batch(examples, pad_id=eot, max_length=3)           # cropped to the context
+    assert x.shape == (2, 3) and y.tolist()[0] == [2, 3, 4] and truncated(examples, 3) == 1
+
+
+def test_bucketed_order_is_a_seeded_permutation_that_saves_padding():
+    lengths = [int(x) for x in torch.randint(5, 200, (500,), generator=torch.Generator().manual_seed(0))]
+    order = bucketed_order(lengths, batch_size=8, seed=1)
+    assert sorted(order) == list(range(500)) and order == bucketed_order(lengths, 8, seed=1)
+    assert order != bucketed_order(lengths, 8, seed=2)
+    shuffled = list(range(500))
+    import random
+    random.Random(1).shuffle(shuffled)
+    real, padding = padded_tokens(order, lengths, 8)
+    real_plain, padding_plain = padded_tokens(shuffled, lengths, 8)
+    assert real == real_plain == sum(lengths) and padding < padding_plain / 3
+
+
+def test_rouge_l():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("a b c", "d e f") == 0.0
+    # LCS of "the cat was on the mat" and "the cat sat on the mat" is 5 words: P = R = 5/6
+    assert rouge_l("The cat was on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("cat", "the cat sat") == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+    assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
+
+
+class _Reply:
+    def __init__(self, text):
+        self.body = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self):
+        return self.body
+
+
+def test_judge_scores_reads_numbers_and_skips_without_a_server():
+    items = [{"instruction": "Add 2 and 2.", "input": "", "output": "4", "response": "4"}] * 3
+    replies = iter(["85", "Score: 120", "no idea"])
+    seen = []
+
+    def opener(request, timeout):
+        seen.append(json.loads(request.data))
+        return _Reply(next(replies))
+
+    assert judge_scores(items, opener=opener) == [85, 100, None]
+    assert "Add 2 and 2." in seen[0]["messages"][0]["content"] and seen[0]["temperature"] == 0
+
+    def offline(request, timeout):
+        raise urllib.error.URLError("connection refused")
+
+    assert judge_scores(items, opener=offline) is None
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------
+
+def test_lora_starts_equal_to_the_base_and_merges_exactly():
+    model = tiny_gpt(seed=1).eval()
+    ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+        apply_lora(model, rank=4, alpha=8)
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)       # B = 0: exactly the base
+        for layer in (m for m in model.modules() if isinstance(m, LoRALinear)):
+            layer.lora_B.weight.normal_(std=0.05)
+        lora = model(ids)
+        assert not torch.allclose(lora, before, atol=1e-3)
+        merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        torch.testing.assert_close(model(ids), lora, rtol=0, atol=1e-5)
+
+
+def test_lora_scaling_is_alpha_over_rank_and_only_adapters_train():
+    linear = torch.nn.Linear(6, 5)
+    layer = LoRALinear(linear, rank=2, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(1.0)
+    x = torch.randn(3, 6)
+    expected = linear(x) + 3.0 * (x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+    torch.testing.assert_close(layer(x), expected)
+    model = apply_lora(tiny_gpt(), rank=4, alpha=8)
+    # every linear layer of the 2 blocks: c_attn 16->48, attn c_proj 16->16, c_fc 16->64, mlp c_proj 64->16
+    per_block = 4 * (16 + 48) + 4 * (16 + 16) + 4 * (16 + 64) + 4 * (64 + 16)
+    assert count_parameters(model, trainable_only=True) == 2 * per_block
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        apply_lora(model, 4, 8)
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(linear, rank=0, alpha=1)
+
+
+def test_lora_targets_follow_peft_names():
+    model = tiny_gpt()
+    assert lora_targets(model, ["c_attn"]) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert len(lora_targets(model, ["c_proj"])) == 4                        # attention's and the MLP's
+    with pytest.raises(ValueError, match="c_fc"):
+        lora_targets(model, ["q_proj"])
+
+
+def test_lora_on_a_classifier_keeps_the_head_trainable():
+    model = apply_lora(SequenceClassifier(tiny_gpt(), 2, pad_id=50256), rank=2, alpha=4)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable and all("lora_" in n or n == "score.weight" for n in trainable)
+
+
+def _randomize_lora(model):
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def test_our_adapter_loads_into_peft_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = tiny_gpt(seed=2)
+    base.save_pretrained_hf(tmp_path / "base")
+    model = apply_lora(tiny_gpt(seed=2), rank=4, alpha=8, targets=["c_attn", "c_proj"]).eval()
+    _randomize_lora(model)
+    save_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn", "c_proj"] and config["r"] == 4 and config["fan_in_fan_out"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(ids).logits, model(ids), rtol=0, atol=1e-4)
+
+
+def test_a_peft_adapter_loads_into_ours_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    tiny_gpt(seed=4).save_pretrained_hf(tmp_path / "base")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    wrapped = peft.get_peft_model(hf, config)
+    _randomize_lora(wrapped)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    ours = load_peft_adapter(tiny_gpt(seed=4), tmp_path / "adapter").eval()
+    assert len([m for m in ours.modules() if isinstance(m, LoRALinear)]) == 4
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), wrapped.eval()(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_peft_adapter_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="apply_lora first"):
+        save_peft_adapter(tiny_gpt(), tmp_path)
+    with pytest.raises(ValueError, match="readable peft adapter"):
+        load_peft_adapter(tiny_gpt(), tmp_path / "nothing")
+    save_peft_adapter(apply_lora(tiny_gpt(), 2, 4), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft_adapter(tiny_gpt(), tmp_path / "a")
+
+
+# ---- base models ------------------------------------------------------------------------------------------
+
+def test_load_base_reads_hf_folders_and_chapter_4_runs(hf_base, tmp_path):
+    base = load_base(str(hf_base))
+    assert base.arch == "gpt" and base.model.cfg.n_embd == 16 and isinstance(base.tokenizer, TiktokenTokenizer)
+    from ch04_pretraining.pretraining import TrainConfig
+    cfg = TrainConfig(data="the-verdict", tokenizer="gpt2", model=dict(n_layer=1, n_head=2, n_embd=16,
+                      context_length=32), vocab_multiple=64, max_steps=2, eval_interval=2, eval_iters=1,
+                      batch_size=2, out_dir=str(tmp_path / "run"))
+    train(cfg, **QUIET)
+    base = load_base(str(tmp_path / "run"))
+    assert base.vocab_multiple == 64 and base.model.cfg.vocab_size == 50304 and "step 2" in base.source
+    with pytest.raises(ConfigError, match="base"):
+        load_base(str(tmp_path / "nowhere"))
+
+
+def test_load_base_offline_says_where_to_put_gpt2(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("LLM_DATA_MIRROR", str(tmp_path / "empty"))
+
+    def no_internet(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_internet)
+    with pytest.raises(DataUnavailableError, match="hf-gpt2.safetensors"):
+        load_base("gpt2")
+
+
+# ---- finetuning with chapter 4's loop -----------------------------------------------------------------------
+
+def spam_config(tmp_path, **changes) -> FinetuneConfig:
+    settings = dict(task="classify", data="sms-spam", base="tiny", batch_size=8, max_steps=8, eval_interval=4,
+                    eval_iters=2, log_interval=2, lr=1e-3, min_lr=1e-3, out_dir=str(tmp_path / "run"))
+    return FinetuneConfig(**{**settings, **changes})
+
+
+def test_finetune_config_refuses_bad_settings(tmp_path):
+    for bad, field in [(dict(task="translate"), "task"), (dict(lora_rank=-1), "lora_rank"),
+                       (dict(lora_alpha=0), "lora_alpha"), (dict(epochs=-1.0), "epochs"),
+                       (dict(lora_rank=4, train_blocks=1), "train_blocks"), (dict(train_blocks=-2), "train_blocks")]:
+        with pytest.raises(ConfigError) as err:
+            spam_config(tmp_path, **bad)
+        assert err.value.field == field
+
+
+def test_classifier_finetuning_learns_resumes_exactly_and_reloads(hf_base, tmp_path):
+    base = load_base(str(hf_base))
+    cfg = spam_config(tmp_path, base=str(hf_base), max_steps=16, epochs=0.0)
+    whole = finetune(replace(cfg, out_dir=str(tmp_path / "whole")), base=base, **QUIET)
+    rows = read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in rows] == [0, 4, 8, 12, 16] and all(0 <= r["val_accuracy"] <= 1 for r in rows)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert whole["model"].score.weight.requires_grad
+    # stopped after 8 steps, then resumed: the same weights as the run that never stopped
+    finetune(replace(cfg, max_steps=8), base=base, **QUIET)
+    finetune(cfg, resume=True, base=base, **QUIET)
+    final = load_file(tmp_path / "run" / "ckpt-0000016.safetensors")
+    reference = load_file(tmp_path / "whole" / "ckpt-0000016.safetensors")
+    assert final.keys() == reference.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=0)
+    model, tokenizer, saved = load_finetuned(tmp_path / "run")
+    assert saved.task == "classify" and saved.model["n_embd"] == 16
+    texts = ["Call now to claim your prize", "ok see you"]
+    torch.testing.assert_close(accuracy(model, tokenizer, [(t, 0) for t in texts])[1],
+                               accuracy(whole["model"], tokenizer, [(t, 0) for t in texts])[1])
+    with pytest.raises(ConfigError, match="lora_rank"):
+        finetune(replace(cfg, lora_rank=2), resume=True, base=base, **QUIET)
+
+
+def test_lora_instruction_finetuning_runs_by_epochs_and_masks(hf_base, tmp_path):
+    base = load_base(str(hf_base))
+    cfg = FinetuneConfig(task="instruct", data="instruction-data", base=str(hf_base), batch_size=8, epochs=0.05,
+                         eval_interval=3, eval_iters=1, lora_rank=2, lora_alpha=4, mask_prompt=True, lr=1e-3,
+                         min_lr=1e-3, out_dir=str(tmp_path / "instruct"))
+    result = finetune(cfg, base=base, **QUIET)
+    assert result["step"] == math.ceil(0.05 * 935 / 8)
+    trainable = {n for n, p in result["model"].named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    model, tokenizer, saved = load_finetuned(tmp_path / "instruct")
+    ids = torch.tensor([tokenizer.encode("Hello")])
+    torch.testing.assert_close(model(ids), result["model"].eval()(ids))
+
+
+def test_example_batches_walk_epochs_and_split_micro_batches(tmp_path):
+    cfg = spam_config(tmp_path, batch_size=2, grad_accum=2, bucket=False)
+    train_examples = [([i] * (i + 1), i % 2) for i in range(10)]
+
+    def collate(examples):
+        return pad_batch([ids for ids, _ in examples], 0), torch.tensor([y for _, y in examples])
+
+    data = ExampleBatches(train_examples, train_examples[:2], collate, lambda e: len(e[0]), cfg)
+    seen = []
+    for _ in range(5):                                       # 5 steps of 4 examples = 2 epochs of 10
+        for x, _ in data.next_micro_batches(0, 1, "cpu"):
+            seen += [row[0].item() for row in x]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10)) and seen[:10] != seen[10:]
+    again = ExampleBatches(train_examples, [], collate, lambda e: len(e[0]), cfg)
+    again.load_state_dict({"position": 8})
+    assert [row[0].item() for x, _ in again.next_micro_batches(0, 1, "cpu") for row in x] == seen[8:12]
+    with pytest.raises(ConfigError, match="batch_size"):
+        ExampleBatches(train_examples[:3], [], collate, len, cfg)
+
+
+def test_training_memory_counts_what_each_variant_keeps():
+    model = SequenceClassifier(tiny_gpt(), 2, pad_id=50256)
+    x, y = pad_batch([[1, 2, 3, 4]] * 4, 50256), torch.tensor([0, 1, 0, 1])
+    full = training_memory_bytes(train_last_blocks(model, -1), x, y)
+    head = training_memory_bytes(train_last_blocks(model, 0), x, y)
+    assert full["weights"] == head["weights"] == 4 * count_parameters(model)
+    assert head["gradients"] == 4 * 2 * 16 and head["activations"] < full["activations"]
+    assert full["total"] == full["weights"] + full["gradients"] + full["optimizer"] + full["activations"]
+
+
+def test_tokenize_instruction_ends_with_the_end_token():
+    tokenizer = TiktokenTokenizer("gpt2")
+    prompt, response = tokenize_instruction(tokenizer, {"instruction": "Say hi.", "input": "", "output": "Hi."})
+    assert tokenizer.decode(prompt).endswith("### Response:\n") and response[-1] == tokenizer.eot_token
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "ch05_finetuning", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_parses_flags_over_the_preset(hf_base, tmp_path):
+    cfg, resume, overwrite = parse_args(["classify", "--scale", "smoke", "--base", str(hf_base), "--lora-rank",
+                                         "4", "--out-dir", str(tmp_path)])
+    assert (cfg.task, cfg.lora_rank, cfg.max_steps, resume, overwrite) == ("classify", 4, 6, False, False)
+    assert parse_args(["instruct", "--scale", "gpu"])[0].base == "gpt2-medium"
+    for bad in (["translate"], ["classify", "--lora-rank", "-1"], ["classify", "--resume", "--overwrite"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_cli_stops_on_ctrl_c_and_resumes_to_the_same_weights(hf_base, tmp_path):
+    args = ["classify", "--scale", "smoke", "--base", str(hf_base), "--max-steps", "300", "--eval-interval", "20"]
+    whole = run_cli(*args, "--out-dir", str(tmp_path / "a"))
+    stopped = run_cli(*args, "--out-dir", str(tmp_path / "b"))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "b" / "steps.jsonl").is_file():            # training, past the first evaluation
+        assert time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGINT)
+    out, err = stopped.communicate(timeout=60)
+    assert stopped.returncode == 130, err
+    assert "stopped at step" in out and "python -m ch05_finetuning classify --out-dir" in out and "--resume" in out
+    resumed = run_cli("classify", "--out-dir", str(tmp_path / "b"), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    assert read_metrics(tmp_path / "a")[-1] == {**read_metrics(tmp_path / "b")[-1],
+                                                **{k: read_metrics(tmp_path / "a")[-1][k]
+                                                   for k in ("tokens_per_s", "elapsed_s")}}
+
+
+def test_cli_errors_name_the_problem_and_leave_no_folder(tmp_path):
+    proc = run_cli("classify", "--lora-rank", "2", "--train-blocks", "1", "--out-dir", str(tmp_path / "x"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--train-blocks" in err and not (tmp_path / "x").exists()
+    proc = run_cli("classify", "--base", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "y"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "error: --base:" in err
+
+
+def test_gpu_presets_are_raschkas_recipes_on_openai_gpt2():
+    spam, instruct = finetune_preset("classify", "gpu"), finetune_preset("instruct", "gpu")
+    assert (spam.base, spam.epochs, spam.lr, spam.min_lr, spam.batch_size, spam.weight_decay) == \
+        ("gpt2", 5.0, 5e-5, 5e-5, 8, 0.1)
+    assert (instruct.base, instruct.epochs, instruct.mask_prompt, instruct.data) == \
+        ("gpt2-medium", 2.0, False, "instruction-data")
+    tokenizer = TiktokenTokenizer("gpt2")
+    with torch.device("meta"):                     # GPT-2 124M's shapes, without its weights
+        classifier = wrap_for_task(spam, GPTModel(GPT_CONFIGS["gpt2"]), tokenizer)
+        lora = wrap_for_task(replace(spam, lora_rank=8, lora_alpha=16.0), GPTModel(GPT_CONFIGS["gpt2"]), tokenizer)
+        medium = wrap_for_task(instruct, GPTModel(GPT_CONFIGS["gpt2-medium"]), tokenizer)
+    head = 2 * 768
+    assert count_parameters(classifier, trainable_only=True) == 124_439_808 + head   # the tied head was wte
+    assert count_parameters(lora, trainable_only=True) == 1_179_648 + head
+    assert count_parameters(medium, trainable_only=True) == 354_823_168
+    with pytest.raises(ConfigError, match="scale"):
+        finetune_preset("classify", "tpu")
