@@ -391,20 +391,18 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by the plain linear layer it computes (inference then costs nothing extra).
     In place; returns the model."""
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    for name in wrapped:
+    for name, layer in lora_layers(model).items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, getattr(parent, child).merged())
+        setattr(model.get_submodule(parent_name), child, layer.merged())
     return model
-
-
-PEFT_PREFIX = "base_model.model."           # where `peft` keeps the wrapped model in its names
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRALinear layers by name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+PEFT_PREFIX = "base_model.model."           # where `peft` keeps the wrapped model in its names
 
 
 def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
@@ -569,9 +567,12 @@ class ExampleBatches:
         if len(train) < cfg.batch_size * cfg.grad_accum:
             raise ConfigError("batch_size", f"{len(train)} training examples are fewer than one step's "
                                             f"batch_size × grad_accum = {cfg.batch_size * cfg.grad_accum}")
-        self.train, self.val, self.collate, self.length, self.cfg = list(train), list(val), collate, length, cfg
+        self.train, self.val, self.collate, self.cfg = list(train), list(val), collate, cfg
         self.metrics, self.position = metrics, 0
         self.lengths = [length(example) for example in self.train]
+        self.order = (None, [])                               # (epoch, its order): the epoch in progress
+        # the training examples whose loss every evaluation reports: a fixed sample
+        self.train_sample = [self.train[i] for i in self.epoch_order(-1)[:cfg.eval_iters * cfg.batch_size]]
 
     def epoch_order(self, epoch: int) -> list[int]:
         seed = self.cfg.seed * 1_000_003 + epoch
@@ -586,8 +587,10 @@ class ExampleBatches:
         indices = []
         while len(indices) < count:
             epoch, offset = divmod(self.position, len(self.train))
+            if self.order[0] != epoch:
+                self.order = (epoch, self.epoch_order(epoch))
             take = min(count - len(indices), len(self.train) - offset)
-            indices += self.epoch_order(epoch)[offset:offset + take]
+            indices += self.order[1][offset:offset + take]
             self.position += take
         return indices
 
@@ -617,8 +620,7 @@ class ExampleBatches:
     def evaluate(self, model: nn.Module, precision: Precision) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        sample = [self.train[i] for i in self.epoch_order(-1)[:self.cfg.eval_iters * self.cfg.batch_size]]
-        row = {"train_loss": self.mean_loss(model, sample, precision),
+        row = {"train_loss": self.mean_loss(model, self.train_sample, precision),
                "val_loss": self.mean_loss(model, self.val, precision)}
         if self.metrics is not None:
             row |= self.metrics(model, precision)
@@ -651,14 +653,19 @@ def read_task_data(cfg: FinetuneConfig) -> dict[str, list]:
     return split_records(records, (round(0.85 * len(records)), round(0.05 * len(records))))
 
 
+def end_token(tokenizer: Tokenizer) -> int:
+    """The tokenizer's end-of-text id, which pads batches and ends responses; a ConfigError if it has none."""
+    if tokenizer.eot_token is None:
+        raise ConfigError("base", "the base's tokenizer has no end-of-text token to pad with and to end responses; "
+                                  "finetune a base with a BPE tokenizer (gpt2, or a chapter 4 run trained with one)")
+    return tokenizer.eot_token
+
+
 def wrap_for_task(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
     """The base model made ready to train on `cfg.task`: a SequenceClassifier for classify; LoRA adapters
     with `lora_rank`, or the top `train_blocks` blocks unfrozen."""
     if cfg.task == "classify":
-        if tokenizer.eot_token is None:
-            raise ConfigError("base", "the base's tokenizer has no end-of-text token to pad messages with; "
-                                      "finetune a base with a BPE tokenizer (gpt2, or a run trained with one)")
-        model = SequenceClassifier(model, len(SPAM_LABELS), pad_id=tokenizer.eot_token)
+        model = SequenceClassifier(model, len(SPAM_LABELS), pad_id=end_token(tokenizer))
         if not cfg.lora_rank:
             train_last_blocks(model, cfg.train_blocks)
     elif cfg.train_blocks != -1:
@@ -671,19 +678,18 @@ def wrap_for_task(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -
 
 def task_batches(cfg: FinetuneConfig, tokenizer: Tokenizer, splits: dict[str, list]) -> ExampleBatches:
     """The task's tokenized train and validation examples as the training loop's data."""
-    context = cfg.context_length
+    context, eot = cfg.context_length, end_token(tokenizer)
     if cfg.task == "classify":
         def encode(split):
             return [(encode_for_classification(tokenizer, text, context), label) for text, label in split]
 
         def collate(examples):
-            return pad_batch([ids for ids, _ in examples], tokenizer.eot_token), torch.tensor([y for _, y in examples])
+            return pad_batch([ids for ids, _ in examples], eot), torch.tensor([y for _, y in examples])
 
         def val_accuracy(model, precision):
-            right = 0
+            right, device = 0, next(model.parameters()).device
             for start in range(0, len(val), cfg.batch_size):
                 x, y = collate(val[start:start + cfg.batch_size])
-                device = next(model.parameters()).device
                 with torch.no_grad(), autocast(device, precision):
                     right += (model(x.to(device)).argmax(dim=1).cpu() == y).sum().item()
             return {"val_accuracy": right / len(val)}
@@ -692,7 +698,7 @@ def task_batches(cfg: FinetuneConfig, tokenizer: Tokenizer, splits: dict[str, li
         return ExampleBatches(train, val, collate, lambda example: len(example[0]), cfg, val_accuracy)
 
     def collate(examples):
-        return instruction_batch(examples, tokenizer.eot_token, context, cfg.mask_prompt)
+        return instruction_batch(examples, eot, context, cfg.mask_prompt)
 
     train, val = ([tokenize_instruction(tokenizer, record) for record in splits[name]] for name in ("train", "val"))
     return ExampleBatches(train, val, collate, lambda example: len(example[0]) + len(example[1]), cfg)

@@ -524,3 +524,16 @@ def test_gpu_presets_are_raschkas_recipes_on_openai_gpt2():
     assert count_parameters(medium, trainable_only=True) == 354_823_168
     with pytest.raises(ConfigError, match="scale"):
         finetune_preset("classify", "tpu")
+
+
+def test_a_base_without_an_end_token_is_refused_for_either_task(tmp_path):
+    from ch04_pretraining.pretraining import TrainConfig
+    char_run = TrainConfig(data="the-verdict", tokenizer="char", model=dict(n_layer=1, n_head=2, n_embd=16,
+                           context_length=32), max_steps=1, eval_interval=1, eval_iters=1, batch_size=2,
+                           out_dir=str(tmp_path / "char"))
+    train(char_run, **QUIET)
+    for task in ("classify", "instruct"):
+        cfg = FinetuneConfig(task=task, data="sms-spam" if task == "classify" else "instruction-data",
+                             base=char_run.out_dir, out_dir=str(tmp_path / task))
+        with pytest.raises(ConfigError, match="end-of-text token"):
+            finetune(cfg, **QUIET)
