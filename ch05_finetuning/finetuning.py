@@ -11,6 +11,7 @@
 - LoRA: `LoRALinear`, `apply_lora`, `merge_lora`, `save_peft_adapter`, `load_peft_adapter`.
 - Training with chapter 4's loop: `FinetuneConfig`, `ExampleBatches`, `finetune`, `load_finetuned`,
   `training_memory_bytes`.
+- Preferences: `preference_example`, `preference_batch`, `sequence_logprobs`, `bradley_terry_loss`, `dpo_loss`.
 """
 import copy
 import json
@@ -896,3 +897,54 @@ def answer_records(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dic
         response = respond(model, tokenizer, alpaca_prompt(record), max_new_tokens)
         answered.append({**record, "response": response, "rouge_l": rouge_l(response, record["output"])})
     return answered
+
+
+# ---- Preferences: from imitation to choice ---------------------------------------------------------------
+
+def preference_example(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen response ids, rejected response ids) of a preference record, each response ending
+    with the end-of-text token."""
+    eot = end_token(tokenizer)
+    prompt = tokenizer.encode(alpaca_prompt(record))
+    return prompt, tokenizer.encode(record["chosen"]) + [eot], tokenizer.encode(record["rejected"]) + [eot]
+
+
+def preference_batch(examples: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, max_length: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets, each (2 · batch, longest): the prompt + chosen response of every example, then the
+    prompt + rejected response of every example, the prompts' targets masked (-100) so that only the
+    responses are scored."""
+    chosen = [(prompt, response) for prompt, response, _ in examples]
+    rejected = [(prompt, response) for prompt, _, response in examples]
+    return instruction_batch(chosen + rejected, pad_id, max_length, mask_prompt=True)
+
+
+def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(rows,) the log-probability the model gives each row's targets, summed over the targets that are not
+    `ignore_index`: log p(response | prompt) for a batch from `preference_batch`."""
+    log_probs = torch.log_softmax(model(x).float(), dim=-1)                      # (rows, seq, vocab)
+    kept = y != ignore_index
+    picked = log_probs.gather(-1, torch.where(kept, y, 0).unsqueeze(-1)).squeeze(-1)   # (rows, seq)
+    return (picked * kept).sum(dim=-1)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log σ(r_chosen - r_rejected), averaged: the Bradley–Terry model's negative log-likelihood that each
+    chosen response beats its rejected one, given scalar rewards (batch,)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Direct preference optimisation (Rafailov et al., 2023) from sequence log-probabilities (batch,) of the
+    policy and the frozen reference: the Bradley–Terry loss of the implicit rewards
+    r = β · (log π(response) - log π_ref(response)). Returns the loss and what to log: the mean rewards of
+    the chosen and rejected responses, their margin, and the fraction of pairs ranked right."""
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta!r}")
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    loss = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    margin = (chosen_rewards - rejected_rewards).detach()
+    return loss, {"reward_chosen": chosen_rewards.mean().item(), "reward_rejected": rejected_rewards.mean().item(),
+                  "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()}

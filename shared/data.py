@@ -95,6 +95,14 @@ for _entry in [
         description="1,100 instruction/input/output records; Apache-2.0",
     ),
     DataFile(
+        "instruction-preference", "instruction-data-with-preference.json",
+        (f"{_RASBT}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+         f"{_RASBT_GH}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json"),
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+        description="the 1,100 instruction records with a polite 'chosen' and an impolite 'rejected' response "
+                    "(written with Llama 3 8B); Apache-2.0",
+    ),
+    DataFile(
         "sms-spam", "SMSSpamCollection",
         ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
          "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"),

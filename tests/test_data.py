@@ -127,8 +127,8 @@ def test_unknown_name_lists_the_registry():
 
 
 def test_registry_has_the_names_chapters_use():
-    needed = {"the-verdict", "tinyshakespeare", "instruction-data", "sms-spam", "gpt2-encoder",
-              "gpt2-vocab-bpe", "tinystories-valid", "hellaswag-val"}
+    needed = {"the-verdict", "tinyshakespeare", "instruction-data", "instruction-preference", "sms-spam",
+              "gpt2-encoder", "gpt2-vocab-bpe", "tinystories-valid", "hellaswag-val"}
     assert needed <= set(data.REGISTRY)
     for entry in data.REGISTRY.values():
         assert entry.sha256 or entry.min_bytes > 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ch01_tokenization.tokenization import TiktokenTokenizer
@@ -27,10 +28,12 @@ from ch05_finetuning.finetuning import (
     alpaca_prompt,
     apply_lora,
     balanced_split,
+    bradley_terry_loss,
     bucketed_order,
     classify,
     confusion_matrix,
     count_parameters,
+    dpo_loss,
     finetune,
     finetune_preset,
     instruction_batch,
@@ -43,9 +46,11 @@ from ch05_finetuning.finetuning import (
     merge_lora,
     pad_batch,
     padded_tokens,
+    preference_batch,
     read_sms_spam,
     rouge_l,
     save_peft_adapter,
+    sequence_logprobs,
     split_records,
     tokenize_instruction,
     train_last_blocks,
@@ -537,3 +542,52 @@ def test_a_base_without_an_end_token_is_refused_for_either_task(tmp_path):
                              base=char_run.out_dir, out_dir=str(tmp_path / task))
         with pytest.raises(ConfigError, match="end-of-text token"):
             finetune(cfg, **QUIET)
+
+
+# ---- preferences: the losses part 2 builds on ---------------------------------------------------------------
+
+def test_preference_data_split_like_the_instructions():
+    records = json.loads(fetch("instruction-preference").read_text())
+    assert len(records) == 1100 and all({"chosen", "rejected"} <= set(r) for r in records)
+    plain = split_records(json.loads(fetch("instruction-data").read_text()))
+    paired = split_records(records)
+    for name in ("train", "val", "test"):
+        assert [r["instruction"] for r in paired[name]] == [r["instruction"] for r in plain[name]]
+
+
+def test_dpo_loss_on_a_hand_computed_case():
+    policy = torch.tensor([-10.0, -12.0], requires_grad=True)
+    loss, stats = dpo_loss(policy[:1], policy[1:], torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.1)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))), rel=1e-6)      # 0.598139
+    assert stats == pytest.approx({"reward_chosen": 0.1, "reward_rejected": -0.1, "margin": 0.2, "accuracy": 1.0})
+    loss.backward()
+    weight = 0.1 / (1 + math.exp(0.2))                                      # beta * sigmoid(-margin)
+    assert policy.grad.tolist() == pytest.approx([-weight, weight], rel=1e-5)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(policy[:1], policy[1:], policy[:1], policy[1:], beta=0)
+
+
+def test_dpo_loss_is_log_2_when_the_policy_is_the_reference_and_counts_ranked_pairs():
+    logps = torch.randn(6)
+    loss, stats = dpo_loss(logps[:3], logps[3:], logps[:3], logps[3:], beta=0.5)
+    assert loss.item() == pytest.approx(math.log(2)) and stats["margin"] == 0 and stats["accuracy"] == 0
+    loss, stats = dpo_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.0]), torch.zeros(2), torch.zeros(2), 1.0)
+    assert stats["accuracy"] == 0.5
+
+
+def test_bradley_terry_loss_is_binary_cross_entropy_of_the_difference():
+    chosen, rejected = torch.randn(10), torch.randn(10)
+    expected = F.binary_cross_entropy_with_logits(chosen - rejected, torch.ones(10))
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), expected)
+
+
+def test_preference_batch_and_sequence_logprobs_score_responses_only():
+    eot = 50256
+    x, y = preference_batch([([1, 2, 3], [4, eot], [5, 6, eot])], pad_id=eot, max_length=100)
+    assert x.tolist() == [[1, 2, 3, 4, eot], [1, 2, 3, 5, 6]]
+    assert y.tolist() == [[-100, -100, 4, eot, -100], [-100, -100, 5, 6, eot]]
+    model = tiny_gpt(seed=6).eval()
+    with torch.no_grad():
+        logps = sequence_logprobs(model, x, y)
+        expected = -F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(2, -1).sum(dim=1)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-4)
