@@ -1,7 +1,8 @@
-"""Chapter 5's command line: finetune a base model as a spam classifier or an instruction follower.
+"""Chapter 5's command line: finetune a base model as a spam classifier, an instruction follower or a reward model.
 
     python -m ch05_finetuning classify [--base gpt2|PATH] [--lora-rank R] [--FIELD VALUE ...] [--resume | --overwrite]
     python -m ch05_finetuning instruct [--base gpt2-medium|PATH] [--mask-prompt] [--epochs E] ...
+    python -m ch05_finetuning reward [--base INSTRUCT_RUN] ...
 
 A run starts from the task's preset at a scale (`--scale`, default gpu: OpenAI's GPT-2, which needs the
 internet once), takes any FinetuneConfig field as a flag, and is chapter 4's run: the same folder, checkpoints,
@@ -23,6 +24,8 @@ from ch05_finetuning.finetuning import (
     answer_records,
     finetune,
     finetune_preset,
+    preference_accuracy,
+    preference_example,
     read_task_data,
     wilson_interval,
 )
@@ -55,7 +58,8 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
     if not argv or argv[0] not in TASKS:
         top = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-        top.add_argument("task", choices=TASKS, help="classify (SMS spam) or instruct (Alpaca instructions)")
+        top.add_argument("task", choices=TASKS, help="classify (SMS spam), instruct (Alpaca instructions) or reward "
+                                                     "(a reward model on preference pairs)")
         top.parse_args(argv[:1])                            # prints the usage and exits
     task, argv = argv[0], argv[1:]
     first = argparse.ArgumentParser(add_help=False)
@@ -99,10 +103,14 @@ def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
     instructions, saved as OUT_DIR/test-responses.json with their ROUGE-L (instruct)."""
     model, tokenizer = result["model"].eval(), result["tokenizer"]
     test = read_task_data(cfg)["test"]
-    if cfg.task == "classify":
-        score = accuracy(model, tokenizer, test)[0]
+    if cfg.task in ("classify", "reward"):
+        if cfg.task == "classify":
+            score = accuracy(model, tokenizer, test)[0]
+        else:
+            score = preference_accuracy(model, [preference_example(tokenizer, r) for r in test], cfg.context_length)
         low, high = wilson_interval(round(score * len(test)), len(test))
-        print(f"test accuracy {score:.1%} on {len(test)} messages (95% interval {low:.1%} to {high:.1%})")
+        what = "accuracy" if cfg.task == "classify" else "preference accuracy (chosen rewarded above rejected)"
+        print(f"test {what} {score:.1%} on {len(test)} examples (95% interval {low:.1%} to {high:.1%})")
         return
     answers = answer_records(model, tokenizer, test)
     path = Path(cfg.out_dir) / "test-responses.json"

@@ -11,7 +11,8 @@
 - LoRA: `LoRALinear`, `apply_lora`, `merge_lora`, `save_peft_adapter`, `load_peft_adapter`.
 - Training with chapter 4's loop: `FinetuneConfig`, `ExampleBatches`, `finetune`, `load_finetuned`,
   `training_memory_bytes`.
-- Preferences: `preference_example`, `preference_batch`, `sequence_logprobs`, `bradley_terry_loss`, `dpo_loss`.
+- Preferences: `preference_example`, `preference_batch`, `sequence_logprobs`, `bradley_terry_loss`, `dpo_loss`,
+  `RewardModel`, `reward_batch`, `preference_accuracy`.
 """
 import copy
 import json
@@ -34,6 +35,7 @@ from ch01_tokenization.tokenization import TiktokenTokenizer, Tokenizer
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, generate, saved_activation_bytes
 from ch04_pretraining.pretraining import (
     CHECKPOINT_POINTER,
+    CONFIG_FILE,
     TOKENIZER_FILE,
     ConfigError,
     TrainConfig,
@@ -71,10 +73,14 @@ def load_base(base: str) -> Base:
     - a name of chapter 3's `GPT_CONFIGS` ("gpt2", "gpt2-medium", ...): OpenAI's weights, downloaded once
       into the data cache (offline without a copy, `DataUnavailableError` says where to put the file);
     - a folder written by chapter 4's `train` (it holds latest.json): its newest checkpoint, its tokenizer;
+    - the folder of an instruct run of this chapter: its model, LoRA adapters merged (a reward model or DPO
+      starts from the instruction-tuned model);
     - a folder holding a Hugging Face GPT-2 (config.json and model.safetensors): those weights.
     """
     path = Path(base)
     if (path / CHECKPOINT_POINTER).is_file() or (path / TOKENIZER_FILE).is_file():
+        if (path / CONFIG_FILE).is_file() and "task" in json.loads((path / CONFIG_FILE).read_text()):
+            return finetuned_base(path)
         model, tokenizer, state = load_run(path)
         saved = TrainConfig.from_dict(state["config"])
         return Base(model.train(), tokenizer, saved.arch, saved.vocab_multiple, base,
@@ -85,6 +91,16 @@ def load_base(base: str) -> Base:
                     f"OpenAI {base}" if base in GPT_CONFIGS else f"Hugging Face GPT-2 in {path}")
     raise ConfigError("base", f"{base!r} is neither one of {', '.join(GPT_CONFIGS)}, nor a chapter 4 run folder "
                               f"(with {CHECKPOINT_POINTER}), nor a folder with a Hugging Face config.json")
+
+
+def finetuned_base(path: Path) -> Base:
+    """An instruct run's model as a base: its newest checkpoint, LoRA adapters merged, every weight trainable."""
+    model, tokenizer, cfg = load_finetuned(path)
+    if cfg.task != "instruct":
+        raise ConfigError("base", f"{path} holds a {cfg.task} run; a base must be a language model: OpenAI's GPT-2, "
+                                  f"a chapter 4 run or an instruct run")
+    model = merge_lora(model).requires_grad_(True).train()
+    return Base(model, tokenizer, cfg.arch, cfg.vocab_multiple, str(path), f"instruct run {path}")
 
 
 def model_settings_of(model: nn.Module) -> dict:
@@ -470,8 +486,8 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 # ---- Finetuning with chapter 4's training loop -----------------------------------------------------------
 
-TASKS = ("classify", "instruct")
-TASK_DATA = {"classify": "sms-spam", "instruct": "instruction-data"}
+TASKS = ("classify", "instruct", "reward")
+TASK_DATA = {"classify": "sms-spam", "instruct": "instruction-data", "reward": "instruction-preference"}
 
 
 @dataclass
@@ -480,8 +496,9 @@ class FinetuneConfig(TrainConfig):
     what finetuning adds. `arch`, `model` and `tokenizer` are filled in from the base model when the run starts;
     `epochs`, when set, decides `max_steps`."""
 
-    data: str = knob("sms-spam", "sms-spam or instruction-data (registered), or a file of the same format: "
-                                 "label<TAB>text lines, or a JSON list of instruction/input/output records")
+    data: str = knob("sms-spam", "sms-spam, instruction-data or instruction-preference (registered), or a file "
+                                 "of the same format: label<TAB>text lines, or a JSON list of instruction/input/"
+                                 "output (and chosen/rejected) records")
     tokenizer: str = knob("gpt2", "the base model's tokenizer (filled in from the base)")
     lr: float = knob(5e-5, "peak learning rate, reached at the end of the warm-up")
     min_lr: float = knob(5e-5, "learning rate at the end of the cosine decay (= lr: constant)")
@@ -490,12 +507,13 @@ class FinetuneConfig(TrainConfig):
     eval_interval: int = knob(50, "evaluate, and save a checkpoint, every this many steps")
     eval_iters: int = knob(5, "training batches in an evaluation's train loss (validation: all of it)")
     out_dir: str = knob("runs/finetune", "folder for checkpoints and metrics, one run per folder")
-    task: str = knob("classify", "classify (SMS spam: a 2-way head on the last real token) or instruct "
-                                 "(Alpaca-format instruction following)")
+    task: str = knob("classify", "classify (SMS spam: a 2-way head on the last real token), instruct "
+                                 "(Alpaca-format instruction following) or reward (a reward model: a scalar head "
+                                 "trained so that chosen responses beat rejected ones)")
     base: str = knob("gpt2", "the model to start from: gpt2, gpt2-medium, ... (OpenAI's weights), a chapter 4 "
-                             "run folder, or a folder with a Hugging Face GPT-2")
-    train_blocks: int = knob(-1, "classify: transformer blocks trained, counted from the top, with the final norm "
-                                 "and the head; -1: all, 0: the head alone")
+                             "run folder, an instruct run's folder, or a folder with a Hugging Face GPT-2")
+    train_blocks: int = knob(-1, "classify, reward: transformer blocks trained, counted from the top, with the "
+                                 "final norm and the head; -1: all, 0: the head alone")
     lora_rank: int = knob(0, "train LoRA adapters of this rank on every linear layer of the blocks instead of "
                              "the weights; 0: no LoRA")
     lora_alpha: float = knob(16.0, "LoRA's alpha: the update is scaled by alpha / rank")
@@ -638,7 +656,7 @@ class ExampleBatches:
 def read_task_data(cfg: FinetuneConfig) -> dict[str, list]:
     """The task's examples split into train / val / test, with a fixed split seed (123) whatever the run's
     seed, so that every run is tested on the same examples: SMS spam balanced and split 70/10/20; instruction
-    records split 85/5/10 (935/55/110 of the 1,100 records)."""
+    and preference records split 85/5/10 (935/55/110 of the 1,100 records)."""
     path = fetch(cfg.data) if cfg.data in REGISTRY else Path(cfg.data)
     if not path.is_file():
         raise ConfigError("data", f"{cfg.data!r} is neither a registered data set nor a file")
@@ -648,9 +666,9 @@ def read_task_data(cfg: FinetuneConfig) -> dict[str, list]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ConfigError("data", f"{path} is not a JSON list of instruction records: {err}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and {"instruction", "output"} <= set(r)
-                                                for r in records):
-        raise ConfigError("data", f"{path} must hold a JSON list of objects with instruction, input and output")
+    needed = {"instruction", "output"} | ({"chosen", "rejected"} if cfg.task == "reward" else set())
+    if not isinstance(records, list) or not all(isinstance(r, dict) and needed <= set(r) for r in records):
+        raise ConfigError("data", f"{path} must hold a JSON list of objects with {', '.join(sorted(needed))}")
     return split_records(records, (round(0.85 * len(records)), round(0.05 * len(records))))
 
 
@@ -663,10 +681,13 @@ def end_token(tokenizer: Tokenizer) -> int:
 
 
 def wrap_for_task(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-    """The base model made ready to train on `cfg.task`: a SequenceClassifier for classify; LoRA adapters
-    with `lora_rank`, or the top `train_blocks` blocks unfrozen."""
-    if cfg.task == "classify":
-        model = SequenceClassifier(model, len(SPAM_LABELS), pad_id=end_token(tokenizer))
+    """The base model made ready to train on `cfg.task`: a SequenceClassifier for classify, a RewardModel for
+    reward; LoRA adapters with `lora_rank`, or the top `train_blocks` blocks unfrozen."""
+    if cfg.task in ("classify", "reward"):
+        if cfg.task == "classify":
+            model = SequenceClassifier(model, len(SPAM_LABELS), pad_id=end_token(tokenizer))
+        else:
+            model = RewardModel(model, pad_id=end_token(tokenizer))
         if not cfg.lora_rank:
             train_last_blocks(model, cfg.train_blocks)
     elif cfg.train_blocks != -1:
@@ -697,6 +718,15 @@ def task_batches(cfg: FinetuneConfig, tokenizer: Tokenizer, splits: dict[str, li
 
         train, val = encode(splits["train"]), encode(splits["val"])
         return ExampleBatches(train, val, collate, lambda example: len(example[0]), cfg, val_accuracy)
+
+    if cfg.task == "reward":
+        def preference_metrics(model, precision):
+            return {"val_preference_accuracy": preference_accuracy(model, val, context, cfg.batch_size)}
+
+        train, val = ([preference_example(tokenizer, r) for r in splits[name]] for name in ("train", "val"))
+        return ExampleBatches(train, val, lambda examples: reward_batch(examples, eot, context),
+                              lambda example: len(example[0]) + max(len(example[1]), len(example[2])), cfg,
+                              preference_metrics)
 
     def collate(examples):
         return instruction_batch(examples, eot, context, cfg.mask_prompt)
@@ -753,17 +783,19 @@ def training_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 def finetune_preset(task: str, scale: str = "gpu", base: str | None = None) -> FinetuneConfig:
     """The recipe of a task at a scale. gpu: OpenAI's GPT-2 124M for spam (every layer trained, 5 epochs) and
     GPT-2 355M for instructions (2 epochs), AdamW at a constant 5e-5 with weight decay 0.1, batches of 8, as
-    in Raschka's chapters 6 and 7. cpu (2 epochs, a warm-up then cosine decay from 5e-4, or 2e-3 for
-    instructions) and smoke are for the small bases a CPU can train; give them `base`."""
+    in Raschka's chapters 6 and 7; a reward model starts from the instruct run's folder, for one epoch. cpu
+    (2 epochs, a warm-up then cosine decay from 5e-4, or 2e-3 for instructions) and smoke are for the small
+    bases a CPU can train; give them `base`."""
     if task not in TASKS:
         raise ConfigError("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
-    classify_task = task == "classify"
-    default_base = "gpt2" if classify_task or scale != "gpu" else "gpt2-medium"
+    classify_task = task in ("classify", "reward")
+    default_base = {"classify": "gpt2", "instruct": "gpt2-medium" if scale == "gpu" else "gpt2",
+                    "reward": "runs/instruct"}[task]                  # (where an instruct run goes by default)
     common = dict(task=task, data=TASK_DATA[task], base=base or default_base, out_dir=f"runs/{task}",
                   batch_size=8, weight_decay=0.1)
     if scale == "gpu":
-        return FinetuneConfig(**common, epochs=5.0 if classify_task else 2.0,
-                              eval_interval=50 if classify_task else 25)
+        epochs = {"classify": 5.0, "instruct": 2.0, "reward": 1.0}[task]
+        return FinetuneConfig(**common, epochs=epochs, eval_interval=50 if classify_task else 25)
     if scale == "cpu":
         lr = 5e-4 if classify_task else 2e-3
         return FinetuneConfig(**common, epochs=2.0, lr=lr, min_lr=lr / 10, warmup_steps=10, eval_interval=40)
@@ -948,3 +980,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     margin = (chosen_rewards - rejected_rewards).detach()
     return loss, {"reward_chosen": chosen_rewards.mean().item(), "reward_rejected": rejected_rewards.mean().item(),
                   "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()}
+
+
+# ---- A reward model --------------------------------------------------------------------------------------
+
+class RewardModel(SequenceClassifier):
+    """A scalar reward for a prompt and response: a SequenceClassifier with one output, read at the last real
+    token. (batch, seq) ids -> (batch,) rewards. Given `targets` (batch,), 1 for the rows of chosen responses
+    and 0 for their rejected partners (in the same order), it returns the Bradley–Terry loss instead."""
+
+    def __init__(self, base: nn.Module, pad_id: int):
+        super().__init__(base, 1, pad_id)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        rewards = super().forward(idx)[:, 0].float()
+        if targets is None:
+            return rewards
+        return bradley_terry_loss(rewards[targets == 1], rewards[targets == 0])
+
+
+def reward_batch(examples: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, max_length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (2 · batch, longest), targets (2 · batch,)): prompt + chosen response of every example, then prompt +
+    rejected response, each cut to `max_length` tokens; targets are 1 for the chosen rows, 0 for the rejected."""
+    rows = [(prompt + chosen)[:max_length] for prompt, chosen, _ in examples] + \
+           [(prompt + rejected)[:max_length] for prompt, _, rejected in examples]
+    return pad_batch(rows, pad_id), torch.tensor([1] * len(examples) + [0] * len(examples))
+
+
+@torch.no_grad()
+def preference_accuracy(model: RewardModel, examples: Sequence, max_length: int, batch_size: int = 16) -> float:
+    """The fraction of (prompt, chosen, rejected) examples whose chosen response gets the higher reward."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, len(examples), batch_size):
+        ids, _ = reward_batch(examples[start:start + batch_size], model.pad_id, max_length)
+        rewards = model(ids.to(device))
+        half = len(rewards) // 2
+        right += (rewards[:half] > rewards[half:]).sum().item()
+    model.train(was_training)
+    return right / len(examples)

@@ -23,6 +23,7 @@ from ch05_finetuning.finetuning import (
     ExampleBatches,
     FinetuneConfig,
     LoRALinear,
+    RewardModel,
     SequenceClassifier,
     accuracy,
     alpaca_prompt,
@@ -42,12 +43,15 @@ from ch05_finetuning.finetuning import (
     load_base,
     load_finetuned,
     load_peft_adapter,
+    lora_layers,
     lora_targets,
     merge_lora,
     pad_batch,
     padded_tokens,
+    preference_accuracy,
     preference_batch,
     read_sms_spam,
+    reward_batch,
     rouge_l,
     save_peft_adapter,
     sequence_logprobs,
@@ -478,6 +482,7 @@ def test_cli_parses_flags_over_the_preset(hf_base, tmp_path):
                                          "4", "--out-dir", str(tmp_path)])
     assert (cfg.task, cfg.lora_rank, cfg.max_steps, resume, overwrite) == ("classify", 4, 6, False, False)
     assert parse_args(["instruct", "--scale", "gpu"])[0].base == "gpt2-medium"
+    assert parse_args(["reward"])[0].data == "instruction-preference"
     for bad in (["translate"], ["classify", "--lora-rank", "-1"], ["classify", "--resume", "--overwrite"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -591,3 +596,38 @@ def test_preference_batch_and_sequence_logprobs_score_responses_only():
         logps = sequence_logprobs(model, x, y)
         expected = -F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(2, -1).sum(dim=1)
     torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_reward_model_scores_rows_and_its_loss_is_bradley_terry():
+    model = RewardModel(tiny_gpt(seed=7), pad_id=50256).eval()
+    ids, targets = reward_batch([([1, 2], [3, 50256], [4, 5, 50256]), ([6], [7, 50256], [8, 50256])], 50256, 100)
+    assert ids.tolist() == [[1, 2, 3, 50256, 50256], [6, 7, 50256, 50256, 50256], [1, 2, 4, 5, 50256],
+                            [6, 8, 50256, 50256, 50256]] and targets.tolist() == [1, 1, 0, 0]
+    with torch.no_grad():
+        rewards = model(ids)
+        assert rewards.shape == (4,)
+        torch.testing.assert_close(model(ids, targets), bradley_terry_loss(rewards[:2], rewards[2:]))
+    examples = [([1, 2], [3, 50256], [4, 5, 50256]), ([6], [7, 50256], [8, 50256])]
+    assert preference_accuracy(model, examples, 100) == ((rewards[:2] > rewards[2:]).float().mean().item())
+
+
+def test_reward_model_trains_from_an_instruct_run_with_lora(hf_base, tmp_path):
+    base = load_base(str(hf_base))
+    sft = FinetuneConfig(task="instruct", data="instruction-data", base=str(hf_base), batch_size=8, max_steps=2,
+                         eval_interval=2, eval_iters=1, lora_rank=2, lora_alpha=4, out_dir=str(tmp_path / "sft"))
+    tuned = finetune(sft, base=base, **QUIET)["model"].eval()
+    as_base = load_base(str(tmp_path / "sft"))                # LoRA merged: the same model, plain weights
+    assert not lora_layers(as_base.model) and all(p.requires_grad for p in as_base.model.parameters())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(as_base.model.eval()(ids), tuned(ids), rtol=0, atol=1e-5)
+    cfg = FinetuneConfig(task="reward", data="instruction-preference", base=str(tmp_path / "sft"), batch_size=4,
+                         max_steps=4, eval_interval=2, eval_iters=1, lr=1e-3, min_lr=1e-3,
+                         out_dir=str(tmp_path / "reward"))
+    result = finetune(cfg, **QUIET)
+    rows = read_metrics(tmp_path / "reward")
+    assert isinstance(result["model"], RewardModel) and [r["step"] for r in rows] == [0, 2, 4]
+    assert all(0 <= r["val_preference_accuracy"] <= 1 for r in rows)
+    with pytest.raises(ConfigError, match="language model"):
+        load_base(str(tmp_path / "reward"))
+    assert finetune_preset("reward", "gpu").base == "runs/instruct"
