@@ -949,7 +949,10 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
             if main:                                # a resumed run's rows from after its checkpoint go
                 _keep_rows_before(out_dir / METRICS_FILE, run.step)        # (this step is evaluated again)
                 _keep_rows_before(out_dir / STEPS_FILE, run.step + 1)      # (the step that led here stays)
-            return training_loop(run, stop, log, progress, clock)
+            result = training_loop(run, stop, log, progress, clock)
+            if ddp:
+                dist.barrier()      # every process finished before any of them tears its connections down
+            return result
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
