@@ -444,8 +444,9 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     """
     out_dir = Path(out_dir)
     weights_path, state_path = checkpoint_paths(out_dir, step)
+    tied = tied_names(model)                                     # a tied head is the embedding: saved once
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
-               if name not in tied_names(model)}               # a tied head is the embedding: saved once
+               if name not in tied}
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp))
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
              "sampler": data.state_dict(), "torch_rng": torch.get_rng_state(),
