@@ -1,8 +1,12 @@
-"""Chapter 5's command line: finetune a base model as a spam classifier, an instruction follower or a reward model.
+"""Chapter 5's command line: finetune a model for a task, on preferences (DPO) or on rewards (GRPO, PPO).
 
     python -m ch05_finetuning classify [--base gpt2|PATH] [--lora-rank R] [--FIELD VALUE ...] [--resume | --overwrite]
     python -m ch05_finetuning instruct [--base gpt2-medium|PATH] [--mask-prompt] [--epochs E] ...
     python -m ch05_finetuning reward [--base INSTRUCT_RUN] ...
+    python -m ch05_finetuning dpo [--base INSTRUCT_RUN] [--beta 0.1] ...
+    python -m ch05_finetuning grpo|ppo [--base ARITHMETIC_RUN] [--group-size 8] [--kl-coef 0] ...
+    python -m ch05_finetuning grpo --data instruction-preference --reward REWARD_RUN --base INSTRUCT_RUN ...
+    python -m ch05_finetuning arithmetic-text FILE      (the sums a grpo base is first trained on, by chapter 4)
 
 A run starts from the task's preset at a scale (`--scale`, default gpu: OpenAI's GPT-2, which needs the
 internet once), takes any FinetuneConfig field as a flag, and is chapter 4's run: the same folder, checkpoints,
@@ -18,15 +22,20 @@ from pathlib import Path
 from ch04_pretraining.__main__ import _add_flag, flag, run_or_report
 from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
 from ch05_finetuning.finetuning import (
+    RL_TASKS,
     TASKS,
     FinetuneConfig,
     accuracy,
     answer_records,
+    arithmetic_splits,
+    arithmetic_text,
     finetune,
     finetune_preset,
     preference_accuracy,
     preference_example,
     read_task_data,
+    rl_examples,
+    rl_rollouts,
     wilson_interval,
 )
 from shared.files import atomic_write
@@ -58,8 +67,9 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
     if not argv or argv[0] not in TASKS:
         top = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-        top.add_argument("task", choices=TASKS, help="classify (SMS spam), instruct (Alpaca instructions) or reward "
-                                                     "(a reward model on preference pairs)")
+        top.add_argument("task", choices=TASKS, help="classify (SMS spam), instruct (Alpaca instructions), reward "
+                                                     "(a reward model on preference pairs), dpo (direct preference "
+                                                     "optimisation), grpo or ppo (reinforcement learning)")
         top.parse_args(argv[:1])                            # prints the usage and exits
     task, argv = argv[0], argv[1:]
     first = argparse.ArgumentParser(add_help=False)
@@ -87,8 +97,25 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     return cfg, args.resume, args.overwrite
 
 
+def write_arithmetic_text(argv: list[str]) -> int:
+    """`arithmetic-text FILE`: the training sums, one per line, for chapter 4 to train a grpo base on."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} arithmetic-text",
+                                     description="Write the arithmetic training problems as text, one sum per "
+                                                 "line, for `python -m ch04_pretraining --data FILE --tokenizer "
+                                                 "char` to teach a base the answer format.")
+    parser.add_argument("file", type=Path)
+    path = parser.parse_args(argv).file
+    text = arithmetic_text(arithmetic_splits()["train"])
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"{text.count(chr(10)):,} sums in {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume, overwrite = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["arithmetic-text"]:
+        return write_arithmetic_text(argv[1:])
+    cfg, resume, overwrite = parse_args(argv)
     result = run_or_report(lambda: finetune(cfg, resume=resume, overwrite=overwrite))
     if result is None:
         return 1
@@ -99,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
-    """After a finished run: the test accuracy with its 95% interval (classify), or the answers to the test
-    instructions, saved as OUT_DIR/test-responses.json with their ROUGE-L (instruct)."""
+    """After a finished run: the test accuracy with its 95% interval (classify, reward: of the preference
+    pairs; grpo, ppo on arithmetic: exact-match of the greedy answers), or the answers to the test instructions,
+    saved as OUT_DIR/test-responses.json with their ROUGE-L (instruct, dpo; grpo, ppo with a reward model,
+    after the answers' mean reward)."""
     model, tokenizer = result["model"].eval(), result["tokenizer"]
     test = read_task_data(cfg)["test"]
     if cfg.task in ("classify", "reward"):
@@ -112,6 +141,17 @@ def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
         what = "accuracy" if cfg.task == "classify" else "preference accuracy (chosen rewarded above rejected)"
         print(f"test {what} {score:.1%} on {len(test)} examples (95% interval {low:.1%} to {high:.1%})")
         return
+    if cfg.task in RL_TASKS:
+        rollouts = rl_rollouts(cfg, tokenizer, read_task_data(cfg), None)
+        rollouts.policy = model
+        rewards = rollouts.greedy_rewards(rl_examples(cfg, tokenizer, test), next(model.parameters()).device)
+        if cfg.data == "arithmetic":
+            right = int(rewards.sum().item())
+            low, high = wilson_interval(right, len(test))
+            print(f"test exact-match accuracy {right / len(test):.1%} on {len(test)} problems (95% interval "
+                  f"{low:.1%} to {high:.1%})")
+            return
+        print(f"mean reward of the greedy answers to {len(test)} test prompts: {rewards.mean().item():.3f}")
     answers = answer_records(model, tokenizer, test)
     path = Path(cfg.out_dir) / "test-responses.json"
     text = json.dumps(answers, indent=1)
