@@ -15,6 +15,7 @@
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ch03_gpt_model.gpt import check_token_inputs, linear_cross_entropy
+from ch03_gpt_model.gpt import GPTModel, check_generate_args, check_token_inputs, linear_cross_entropy, sample_next
+from ch05_finetuning.finetuning import output_weight
 from shared.config import ConfigError, knob
 from shared.data import DataUnavailableError
 from shared.files import atomic_write
@@ -115,9 +117,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's angles, (seq, head_dim) each, in the rotate-half layout: the
-    head_dim/2 angles twice over, since dimension i is paired with dimension i + head_dim/2."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    """cos and sin of every position's angles, (*positions.shape, head_dim) each, in the rotate-half layout:
+    the head_dim/2 angles twice over, since dimension i is paired with dimension i + head_dim/2."""
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -179,11 +181,16 @@ class GroupedQueryAttention(nn.Module):
         group = self.n_head // self.n_kv_head
         return kv[:, :, None].expand(batch, self.n_kv_head, group, seq, dim).reshape(batch, self.n_head, seq, dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+                layer: int = 0) -> torch.Tensor:
+        """With a `cache` (section 8), `x` holds only the new positions and attends to the cached ones too."""
         q = apply_rope(self.heads(x, self.q_proj, self.n_head), cos, sin)
         k = apply_rope(self.heads(x, self.k_proj, self.n_kv_head), cos, sin)
         v = self.heads(x, self.v_proj, self.n_kv_head)
-        context = F.scaled_dot_product_attention(q, self.shared(k), self.shared(v), is_causal=True)
+        if cache is None:
+            context = F.scaled_dot_product_attention(q, self.shared(k), self.shared(v), is_causal=True)
+        else:
+            context = cache.attend(layer, q, k, v)
         return self.o_proj(context.transpose(1, 2).flatten(2))
 
 
@@ -197,8 +204,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.n_embd, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -315,22 +323,30 @@ class LlamaModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (seq, head_dim) for these positions, on their device."""
+        """cos and sin (*positions.shape, head_dim) for these positions, on their device."""
         inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device)
         return rope_cos_sin(inv_freq, positions)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) ids -> (batch, seq, n_embd) vectors entering the first block: the token embedding."""
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) ids at `positions` ((seq,) or (batch, seq)) -> (batch, seq, n_embd) vectors entering the
+        first block: the token embedding (the positions enter later, through RoPE)."""
         return self.model.embed_tokens(idx)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: "KVCache | None" = None,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq) ids -> (batch, seq, n_embd): the last layer's output after the final RMSNorm, which the
-        output layer reads."""
-        check_token_inputs(idx, None, self.cfg.context_length)
-        cos, sin = self.rope(torch.arange(idx.shape[1], device=idx.device))
-        x = self.embed(idx)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        output layer reads. With a `cache` (section 8), `idx` holds the tokens that follow the cached ones, and
+        `real` (batch, seq) bool marks which of them are real (False: left padding; None: all)."""
+        if cache is None:
+            check_token_inputs(idx, None, self.cfg.context_length)
+            positions = torch.arange(idx.shape[1], device=idx.device)           # (seq,)
+            cos, sin = self.rope(positions)                                     # (seq, head_dim)
+        else:
+            positions = cache.extend(idx, real)                                 # (batch, seq): per row
+            cos, sin = (t[:, None] for t in self.rope(positions))               # (batch, 1, seq, head_dim)
+        x = self.embed(idx, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i)
         return self.model.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -694,11 +710,282 @@ class HybridModel(LlamaModel):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.positions == "rope":
             return super().rope(positions)
-        ones = torch.ones(len(positions), self.cfg.head_dim, device=positions.device)
+        ones = torch.ones(*positions.shape, self.cfg.head_dim, device=positions.device)
         return ones, torch.zeros_like(ones)                      # cos 1, sin 0: every rotation by zero
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        x = super().embed(idx)
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = super().embed(idx, positions)
         if self.cfg.positions == "learned":
-            x = x + self.model.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + self.model.wpe(positions)
         return x
+
+
+# ---- Fast generation: the KV cache -----------------------------------------------------------------------
+
+class KVCache:
+    """The keys and values every attention layer has computed so far, in memory reserved up front:
+    `keys` and `values` are (n_layer, batch, n_kv_head, max_length, head_dim) each, filled left to right.
+
+    A model's forward pass with the cache runs on the new tokens only: `extend` reserves their slots and
+    returns their positions, then each layer's `attend` writes its new keys and values and attends over
+    every filled slot. Rows may start with left padding (`real` False): padded slots are never attended to,
+    and each row's positions count its real tokens only, so a padded row computes what it would alone.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layer, batch, n_kv_head, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.real = torch.zeros(batch, max_length, dtype=torch.bool, device=device)   # slot holds a token
+        self.max_length = max_length
+        self.reset()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_length: int) -> "KVCache":
+        """A cache shaped for a `GPTModel` or `LlamaModel` (any subclass), in its parameters' dtype and device."""
+        cfg = model.cfg
+        weight = next(model.parameters())
+        return cls(cfg.n_layer, batch, getattr(cfg, "n_kv_head", cfg.n_head), cfg.n_embd // cfg.n_head,
+                   max_length, weight.dtype, weight.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: 2 (keys, values) * n_layer * batch * n_kv_head * max_length * head_dim * size."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self) -> None:
+        """Empty the cache: the next `extend` starts at slot 0, position 0."""
+        self.length, self.start, self.padded = 0, 0, False
+        self.real.zero_()
+        self.next_position = torch.zeros(self.real.shape[0], dtype=torch.long, device=self.real.device)
+        self.mask, self.is_causal = None, False
+
+    def extend(self, idx: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for the tokens `idx` (batch, seq) (`real`: which are not padding; None: all are) and
+        return their positions (batch, seq): each row's count of real tokens before them. Also sets the
+        attention mask the layers' `attend` will use."""
+        batch, seq = idx.shape
+        start, end = self.length, self.length + seq
+        if batch != self.real.shape[0] or end > self.max_length:
+            raise ValueError(f"the cache holds {self.real.shape[0]} rows of {self.max_length} positions, "
+                             f"{self.length} filled; {batch} rows of {seq} more do not fit")
+        if real is None:
+            positions = self.next_position[:, None] + torch.arange(seq, device=idx.device)
+            self.real[:, start:end] = True
+        else:
+            positions = (self.next_position[:, None] + real.cumsum(dim=1) - 1).clamp(min=0)
+            self.real[:, start:end] = real
+            self.padded = self.padded or not bool(real.all())
+        self.next_position = positions[:, -1] + 1
+        self.start, self.length = start, end
+        self.mask, self.is_causal = self._mask(start, end)
+        return positions
+
+    def _mask(self, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for queries in slots start..end-1 over keys in slots 0..end-1. The mask is
+        (batch, 1, queries, keys), True where attention is allowed: a key before or at the query, and real
+        (or the query's own slot, so that a padding query, which nobody reads, has something to attend to)."""
+        if not self.padded and (end - start == 1 or start == 0):
+            return None, end - start > 1             # one new token sees everything; a first chunk is causal
+        keys = torch.arange(end, device=self.real.device)
+        queries = torch.arange(start, end, device=self.real.device)[:, None]
+        allowed = (keys <= queries) & self.real[:, None, :end] | (keys == queries)
+        return allowed[:, None], False
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store `k`, `v` (batch, n_kv_head, seq, head_dim) of the new tokens in `layer`'s slots and attend
+        with `q` (batch, n_head, seq, head_dim) over all filled slots: -> (batch, n_head, seq, head_dim).
+        The n_kv_head cached heads serve their groups of query heads without being copied."""
+        self.keys[layer, :, :, self.start:self.length] = k
+        self.values[layer, :, :, self.start:self.length] = v
+        keys, values = self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.is_causal,
+                                              enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def gpt_hidden_states(model: GPTModel, idx: torch.Tensor, cache: KVCache,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
+    """Chapter 3's `GPTModel.hidden_states` with a cache, for the new tokens `idx` (batch, seq) -> (batch, seq,
+    n_embd). It calls chapter 3's own modules, block by block: only the attention's last step changes."""
+    t = model.transformer
+    positions = cache.extend(idx, real)
+    x = t.drop(t.wte(idx) + t.wpe(positions))
+    for layer, block in enumerate(t.h):
+        q, k, v = block.attn.queries_keys_values(block.ln_1(x))             # chapter 2's projections
+        context = cache.attend(layer, q, k, v).transpose(1, 2).flatten(2)   # (batch, seq, n_embd)
+        x = x + block.resid_dropout(block.attn.c_proj(context))
+        x = x + block.mlp(block.ln_2(x))
+    return t.ln_f(x)
+
+
+def supports_cache(model: nn.Module) -> bool:
+    """Whether `generate` can run `model` with a KV cache: a GPTModel or a LlamaModel (or a subclass)."""
+    return isinstance(model, (GPTModel, LlamaModel))
+
+
+def cached_hidden_states(model: nn.Module, idx: torch.Tensor, cache: KVCache,
+                         real: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (batch, seq, n_embd) of the new tokens `idx`, through `cache`."""
+    if isinstance(model, LlamaModel):
+        return model.hidden_states(idx, cache, real)
+    return gpt_hidden_states(model, idx, cache, real)
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """`attention_mask` (batch, seq) of 1/True for real tokens and 0/False for left padding, as a bool tensor
+    (None stays None). A ValueError for a wrong shape, other values, right padding or an empty row."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, got {shape}")
+    real = attention_mask.to(device=idx.device, dtype=torch.bool)
+    if not torch.equal(real.to(attention_mask.dtype), attention_mask.to(idx.device)):
+        raise ValueError("attention_mask must hold only 1 (a real token) and 0 (padding)")
+    if not real[:, -1].all():
+        raise ValueError("a row of attention_mask has no real token, or is padded on the right: pad prompts "
+                         "on the left (left_pad does), so that every row's next token follows its last one")
+    if (real[:, :-1] & ~real[:, 1:]).any():
+        raise ValueError("attention_mask has padding after a real token: pad prompts on the left only")
+    return real
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: (idx, attention_mask), both (batch, longest), each row
+    right-aligned after `pad_id`s, the mask 1 on real tokens. What `generate` takes for a batch."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt, and no empty prompt")
+    longest = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return idx, mask
+
+
+def recomputed_logits(model: nn.Module, idx: torch.Tensor, real: torch.Tensor | None,
+                      vocab_size: int | None) -> torch.Tensor:
+    """The reference: next-token logits (batch, vocab) from a forward pass over each whole sequence `idx`
+    (batch, seq), cropped to the context's last tokens as chapter 3 does. Padded rows run one at a time,
+    without their padding."""
+    context = model.cfg.context_length
+    if real is None or bool(real.all()):
+        return model(idx[:, -context:])[:, -1, :vocab_size]
+    return torch.cat([model(row[keep][-context:][None])[:, -1, :vocab_size] for row, keep in zip(idx, real)])
+
+
+class CachedLogits:
+    """Next-token logits through a KV cache: the first call runs the prompt (prefill), each later call runs
+    only the tokens added since (decode). The output layer runs on the last position only.
+
+    The cache holds min(context_length, prompt + new tokens) positions. Past the context the window of the
+    last `context_length` tokens slides, which moves every position: the cache is then rebuilt from that
+    window for each further token, the same computation (and the same cost) as without a cache.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None):
+        self.model = model
+        self.cache = KVCache.for_model(model, batch, min(total_length, model.cfg.context_length))
+        # the output layer: a module if the model has one (a packed or LoRA layer), else its weight matrix
+        head = getattr(model, "lm_head", None)
+        self.weight = output_weight(model)[:vocab_size] if isinstance(head, (nn.Linear, type(None))) else None
+        self.vocab_size, self.seen = vocab_size, 0
+
+    def __call__(self, idx: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Logits (batch, vocab) after `idx` (batch, seq): the whole sequence so far, of which the cache
+        has seen the first `self.seen` tokens."""
+        new = idx.shape[1] - self.seen
+        if self.cache.length + new > self.cache.max_length:          # past the context: rebuild the window
+            self.cache.reset()
+            new = min(idx.shape[1], self.cache.max_length)
+        hidden = cached_hidden_states(self.model, idx[:, -new:], self.cache, None if real is None else real[:, -new:])
+        self.seen = idx.shape[1]
+        last = hidden[:, -1]                                            # (batch, n_embd)
+        return last @ self.weight.t() if self.weight is not None else self.model.lm_head(last)[:, :self.vocab_size]
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None, vocab_size: int | None = None, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Chapter 3's `generate` (same arguments, same checks, same tokens), with a KV cache: extend `idx`
+    (batch, seq) by up to `max_new_tokens` tokens -> (batch, seq + new).
+
+    - `use_cache`: run each new token alone through a `KVCache` (a GPTModel or LlamaModel; other models, or
+      False, recompute the whole sequence for every token: the reference the cache is tested against).
+    - `attention_mask` (batch, seq): 1 for real tokens, 0 for left padding (`left_pad` builds both), so that
+      prompts of different lengths run as one batch; each row gets the tokens it would get alone.
+    - `eos_id`: each row stops at its own end-of-sequence token and repeats it until all rows have stopped.
+    - `on_token(ids)`: called with each step's new ids (batch,) as soon as they are chosen (streaming).
+    - Inputs longer than the context are cropped to its last `context_length` tokens, as in chapter 3.
+    """
+    check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size)
+    real = check_attention_mask(attention_mask, idx)
+    cached = use_cache and supports_cache(model)
+    if cached:
+        next_logits = CachedLogits(model, idx.shape[0], idx.shape[1] + max_new_tokens, vocab_size)
+    else:
+        def next_logits(idx, real):
+            return recomputed_logits(model, idx, real, vocab_size)
+    was_training = model.training
+    model.eval()
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = sample_next(next_logits(idx, real), temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id == eos_id
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            if real is not None:
+                real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            if on_token is not None:
+                on_token(next_id)
+            if eos_id is not None and finished.all():
+                break
+    model.train(was_training)
+    return idx
+
+
+# ---- Decode is memory-bound ------------------------------------------------------------------------------
+
+class PackedLinear(nn.Module):
+    """A frozen `nn.Linear` for inference whose weight is stored in oneDNN's blocked layout: the layout its
+    matrix-vector kernel streams from memory fastest. (batch..., in) -> (batch..., out), equal to the linear
+    layer up to float round-off. `PackedLinear.available()` says whether this PyTorch build can pack."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_hint: int = 1):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        weight = weight.detach().float().contiguous()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    @staticmethod
+    def available() -> bool:
+        """True when oneDNN can pack a weight here (x86 and recent Arm builds of PyTorch on the CPU)."""
+        try:
+            weight, x = torch.randn(16, 8), torch.randn(2, 8)
+            return torch.allclose(PackedLinear(weight)(x), x @ weight.t(), atol=1e-4)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_for_decoding(model: nn.Module, batch_hint: int = 1) -> nn.Module:
+    """Replace, in place, every `nn.Linear` of a float32 CPU `model` by a `PackedLinear`, and give a model whose
+    output layer is its embedding (weight tying) a packed copy of it as `lm_head`. The model is then for
+    generation only (no training, no saving). Returns the model; unchanged where oneDNN cannot pack."""
+    if not PackedLinear.available() or next(model.parameters()).device.type != "cpu":
+        return model
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+                setattr(module, child_name, PackedLinear(child.weight, child.bias, batch_hint))
+    if not hasattr(model, "lm_head") and hasattr(model, "output_weight"):
+        model.lm_head = PackedLinear(model.output_weight, None, batch_hint)
+    return model

@@ -1,0 +1,258 @@
+"""Chapter 6, fast generation: the KV cache against recomputation, batches against single prompts, packed
+weights against plain ones, and our tokens against transformers' `generate`."""
+import copy
+
+import pytest
+import torch
+import transformers
+
+from ch03_gpt_model.gpt import GPTConfig, GPTModel
+from ch03_gpt_model.gpt import generate as generate_ch3
+from ch06_llama.llama import (
+    CachedLogits,
+    HybridConfig,
+    HybridModel,
+    KVCache,
+    LlamaConfig,
+    LlamaModel,
+    PackedLinear,
+    generate,
+    left_pad,
+    pack_for_decoding,
+    supports_cache,
+)
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+VOCAB = 97
+
+
+def gpt(context_length: int = 64) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4, n_embd=32))
+
+
+def llama(context_length: int = 64) -> LlamaModel:
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4,
+                                  n_kv_head=2, n_embd=32, ffn_hidden=48, rope_theta=10000.0, rope_scaling=None))
+
+
+def hybrid(context_length: int = 64) -> HybridModel:
+    torch.manual_seed(0)
+    return HybridModel(HybridConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4,
+                                    n_kv_head=1, n_embd=32, ffn_hidden=48, rope_theta=10000.0, rope_scaling=None,
+                                    positions="learned", norm="layer", mlp="gelu"))
+
+
+MODELS = {"gpt": gpt, "llama": llama, "hybrid": hybrid}
+
+
+def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the cache against recomputing everything ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logits_equal_recomputed_logits_at_every_step_past_the_context(name):
+    model = MODELS[name](context_length=24).eval()
+    idx = prompt(2, 10)
+    logits_of = CachedLogits(model, 2, 10 + 30)
+    assert logits_of.cache.max_length == 24                  # the context, not prompt + new tokens
+    for _ in range(30):                                      # 16 steps past the context: the window slides
+        cached = logits_of(idx, None)
+        with torch.no_grad():
+            recomputed = model(idx[:, -24:])[:, -1]
+        torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+        idx = torch.cat([idx, cached.argmax(-1, keepdim=True)], dim=1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_tokens_are_identical_for_200_tokens(name):
+    model = MODELS[name](context_length=256)
+    idx = prompt(1, 8)
+    cached = generate(model, idx, 200, temperature=0)
+    assert cached.shape == (1, 208)
+    assert torch.equal(cached, generate(model, idx, 200, temperature=0, use_cache=False))
+    assert torch.equal(cached, generate_ch3(model, idx, 200, temperature=0))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_seeded_sampling_is_identical_with_and_without_the_cache(name):
+    model = MODELS[name]()
+    runs = [generate(model, prompt(3, 5), 40, temperature=0.9, top_k=30, top_p=0.95,
+                     generator=torch.Generator().manual_seed(7), use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_to_its_last_tokens():
+    model = gpt(context_length=24)
+    long = prompt(1, 40)
+    out = generate(model, long, 5, temperature=0)
+    assert torch.equal(out[:, 40:], generate(model, long[:, -24:], 5, temperature=0)[:, 24:])
+
+
+def test_the_model_is_left_in_the_mode_it_was_in():
+    model = llama().train()
+    generate(model, prompt(1, 4), 3)
+    assert model.training
+
+
+# ---- batches of different lengths, stopping, streaming ----------------------------------------------------
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17], [20, 21, 22, 23]]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padded_rows_get_exactly_the_tokens_they_get_alone(name, use_cache):
+    model = MODELS[name]()
+    idx, mask = left_pad(PROMPTS, pad_id=0)
+    out = generate(model, idx, 25, temperature=0, attention_mask=mask, use_cache=use_cache)
+    for row, tokens in zip(out, PROMPTS):
+        alone = generate(model, torch.tensor([tokens]), 25, temperature=0)[0]
+        assert torch.equal(row[idx.shape[1]:], alone[len(tokens):])
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_padded_rows_slide_past_the_context_like_single_prompts(name):
+    model = MODELS[name](context_length=16)
+    idx, mask = left_pad(PROMPTS)
+    out = generate(model, idx, 20, temperature=0, attention_mask=mask)
+    for row, tokens in zip(out, PROMPTS):
+        alone = generate(model, torch.tensor([tokens]), 20, temperature=0)[0]
+        assert torch.equal(row[idx.shape[1]:], alone[len(tokens):])
+
+
+def test_each_row_stops_at_its_own_end_token():
+    model = llama()
+    idx, mask = left_pad(PROMPTS)
+    free = generate(model, idx, 12, temperature=0, attention_mask=mask)[:, idx.shape[1]:]
+    eos = int(free[0, 3])                                   # row 0 produces it at step 3 (or earlier)
+    out = generate(model, idx, 12, temperature=0, attention_mask=mask, eos_id=eos)[:, idx.shape[1]:]
+    for row, free_row in zip(out, free):
+        hits = (free_row == eos).nonzero()
+        stop = int(hits[0]) if len(hits) else len(free_row)
+        assert torch.equal(row[:stop + 1], free_row[:stop + 1])     # the same tokens up to its end token...
+        assert (row[stop:] == eos).all() if len(hits) else True     # ...then only end tokens
+    first = int((free[0] == eos).nonzero()[0])
+    assert first <= 3 and (out[0, first:] == eos).all()
+
+
+def test_generation_ends_when_every_row_has_stopped():
+    model = gpt()
+    free = generate(model, prompt(1, 4), 10, temperature=0)
+    eos = int(free[0, 4 + 2])
+    out = generate(model, prompt(1, 4), 10, temperature=0, eos_id=eos)
+    assert out.shape[1] <= 4 + 3 and int(out[0, -1]) == eos
+
+
+def test_streaming_receives_every_token_as_it_is_chosen():
+    model = llama()
+    idx, mask = left_pad(PROMPTS)
+    received = []
+
+    def on_token(ids: torch.Tensor) -> None:
+        received.append(ids.clone())
+
+    out = generate(model, idx, 9, temperature=0, attention_mask=mask, on_token=on_token)
+    assert len(received) == 9 and all(ids.shape == (len(PROMPTS),) for ids in received)
+    assert torch.equal(torch.stack(received, dim=1), out[:, idx.shape[1]:])
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.ones(2, 3), "idx's shape"),
+    (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), "padded on the right"),
+    (torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]]), "padding after a real token"),
+    (torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), "no real token"),
+    (torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1]]), "only 1"),
+])
+def test_a_bad_attention_mask_is_refused(mask, match):
+    with pytest.raises(ValueError, match=match):
+        generate(gpt(), prompt(2, 4), 2, attention_mask=mask)
+
+
+def test_left_pad_refuses_empty_prompts():
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1, 2], []])
+
+
+def test_generate_keeps_chapter_3s_checks():
+    with pytest.raises(ValueError, match="context length|crop"):
+        gpt()(prompt(1, 65))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(gpt(), prompt(1, 3), -1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(llama(), prompt(1, 3), 2, top_p=0)
+
+
+def test_a_model_without_cache_support_falls_back_to_recomputing():
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.cfg = inner, inner.cfg
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    model = llama()
+    assert not supports_cache(Wrapped(model)) and supports_cache(model)
+    assert torch.equal(generate(Wrapped(model), prompt(2, 5), 12, temperature=0),
+                       generate(model, prompt(2, 5), 12, temperature=0))
+
+
+# ---- the cache's memory -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kv_heads", [("gpt", 4), ("llama", 2), ("hybrid", 1)])
+def test_cache_bytes_follow_the_formula(name, kv_heads):
+    model = MODELS[name]()
+    cfg, batch, length = model.cfg, 3, 50
+    cache = KVCache.for_model(model, batch, length)
+    per_token = 2 * kv_heads * (cfg.n_embd // cfg.n_head) * cfg.n_layer * 4      # keys and values, fp32
+    assert cache.nbytes == per_token * batch * length
+
+
+def test_a_full_cache_refuses_more_tokens():
+    cache = KVCache.for_model(gpt(), 1, 5)
+    cache.extend(prompt(1, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.extend(prompt(1, 2))
+
+
+# ---- packed weights ------------------------------------------------------------------------------------------
+
+def test_packed_linear_computes_the_linear_layer_or_packing_is_skipped():
+    layer = torch.nn.Linear(40, 24)
+    x = torch.randn(3, 5, 40)
+    model = pack_for_decoding(copy.deepcopy(llama()))
+    if PackedLinear.available():
+        torch.testing.assert_close(PackedLinear(layer.weight, layer.bias)(x), layer(x), atol=1e-5, rtol=1e-5)
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert isinstance(model.lm_head, PackedLinear)
+    else:
+        assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_a_packed_model_generates_the_same_tokens(name):
+    model = MODELS[name]()
+    packed = pack_for_decoding(copy.deepcopy(model))
+    idx, mask = left_pad(PROMPTS)
+    assert torch.equal(generate(packed, idx, 30, temperature=0, attention_mask=mask),
+                       generate(model, idx, 30, temperature=0, attention_mask=mask))
+
+
+# ---- against transformers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_batched_greedy_tokens_equal_transformers_generate(name, tmp_path):
+    model = MODELS[name]()
+    hf_class = transformers.GPT2LMHeadModel if name == "gpt" else transformers.LlamaForCausalLM
+    hf = hf_class.from_pretrained(model.save_pretrained_hf(tmp_path), attn_implementation="sdpa").eval()
+    idx, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(generate(model, idx, 30, temperature=0, attention_mask=mask), theirs)
