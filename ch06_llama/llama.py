@@ -11,10 +11,14 @@
   Hugging Face's parameter names; `from_pretrained_hf`, `save_pretrained_hf`, `from_gguf`.
 - GGUF: `dequantize_q4_1`, `dequantize_q8_0`, `gguf_tensor`, `config_from_gguf`; `chat_prompt` renders a
   model's chat template.
+- Fast generation: `KVCache`, `gpt_hidden_states` (chapter 3's GPT-2 with a cache), `CachedLogits`, `left_pad`
+  and `generate` (chapter 3's, with `use_cache`, `attention_mask` and `on_token`); `PackedLinear` and
+  `pack_for_decoding`, `measure_read_bandwidth`, `decode_bytes_per_token`: why decoding is memory-bound.
 """
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,7 +208,7 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.n_embd, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "DecodingCache | None" = None,
                 layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -322,9 +326,14 @@ class LlamaModel(nn.Module):
         """Parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each query and key head RoPE rotates: all of them in Llama."""
+        return self.cfg.head_dim
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (*positions.shape, head_dim) for these positions, on their device."""
-        inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device)
+        """cos and sin (*positions.shape, rotary_dim) for these positions, on their device."""
+        inv_freq = rope_frequencies(self.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device)
         return rope_cos_sin(inv_freq, positions)
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -332,7 +341,7 @@ class LlamaModel(nn.Module):
         first block: the token embedding (the positions enter later, through RoPE)."""
         return self.model.embed_tokens(idx)
 
-    def hidden_states(self, idx: torch.Tensor, cache: "KVCache | None" = None,
+    def hidden_states(self, idx: torch.Tensor, cache: "DecodingCache | None" = None,
                       real: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq) ids -> (batch, seq, n_embd): the last layer's output after the final RMSNorm, which the
         output layer reads. With a `cache` (section 8), `idx` holds the tokens that follow the cached ones, and
@@ -671,19 +680,31 @@ class GeluMLP(nn.Module):
 
 @dataclass(frozen=True)
 class HybridConfig(LlamaConfig):
-    """A Llama with some of its parts switched back to GPT-2's, for the one-change-at-a-time comparison. The
-    defaults are Llama's; chapter 4's trainer knows it as the architecture "hybrid"."""
+    """A Llama with some of its parts switched back to GPT-2's (or, for its attention, forward to DeepSeek's),
+    for one-change-at-a-time comparisons. The defaults are Llama's; chapter 4's trainer knows it as the
+    architecture "hybrid"."""
 
     norm: str = knob("rms", "rms (Llama's RMSNorm) or layer (GPT-2's LayerNorm, here without bias)")
     positions: str = knob("rope", "rope (Llama) or learned (GPT-2's position table, added to the input)")
     mlp: str = knob("swiglu", "swiglu (Llama) or gelu (GPT-2's MLP, ffn_hidden wide, here without biases)")
+    attention: str = knob("gqa", "gqa (Llama's grouped-query attention) or mla (DeepSeek-V2's multi-head latent "
+                                 "attention, section 9)")
+    kv_lora_rank: int = knob(256, "mla: width of the compressed keys and values, the latent each token caches")
+    rope_head_dim: int = knob(32, "mla: dimensions of the one rotated key all heads share, and of each query's")
+    q_lora_rank: int = knob(0, "mla: width of the compressed queries; 0: the queries are not compressed")
 
     def __post_init__(self):
         super().__post_init__()
         for name, choices in [("norm", ("rms", "layer")), ("positions", ("rope", "learned")),
-                              ("mlp", ("swiglu", "gelu"))]:
+                              ("mlp", ("swiglu", "gelu")), ("attention", ("gqa", "mla"))]:
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"must be {' or '.join(choices)}, got {getattr(self, name)!r}")
+        for name, least in [("kv_lora_rank", 1), ("rope_head_dim", 2), ("q_lora_rank", 0)]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(name, f"must be an int >= {least}, got {value!r}")
+        if self.rope_head_dim % 2:
+            raise ConfigError("rope_head_dim", f"must be even (RoPE turns pairs), got {self.rope_head_dim}")
 
 
 class HybridModel(LlamaModel):
@@ -702,15 +723,22 @@ class HybridModel(LlamaModel):
             layer.input_layernorm, layer.post_attention_layernorm = norm(), norm()
             if cfg.mlp == "gelu":
                 layer.mlp = GeluMLP(cfg.n_embd, cfg.ffn_hidden)
+            if cfg.attention == "mla":
+                layer.self_attn = LatentAttention(cfg.n_embd, cfg.n_head, cfg.kv_lora_rank, cfg.rope_head_dim,
+                                                  cfg.q_lora_rank, cfg.norm_eps)
         self.model.norm = norm()
         if cfg.positions == "learned":
             self.model.wpe = nn.Embedding(cfg.context_length, cfg.n_embd)
         self._init_weights(cfg.weight_std, cfg.n_layer)
 
+    @property
+    def rotary_dim(self) -> int:
+        return self.cfg.rope_head_dim if self.cfg.attention == "mla" else self.cfg.head_dim
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.positions == "rope":
             return super().rope(positions)
-        ones = torch.ones(*positions.shape, self.cfg.head_dim, device=positions.device)
+        ones = torch.ones(*positions.shape, self.rotary_dim, device=positions.device)
         return ones, torch.zeros_like(ones)                      # cos 1, sin 0: every rotation by zero
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -719,40 +747,30 @@ class HybridModel(LlamaModel):
             x = x + self.model.wpe(positions)
         return x
 
+    def new_cache(self, batch: int, max_length: int) -> "DecodingCache":
+        """What generation caches (section 8): keys and values, or with latent attention the latents."""
+        if self.cfg.attention == "mla":
+            return LatentCache.for_model(self, batch, max_length)
+        return KVCache.for_model(self, batch, max_length)
+
 
 # ---- Fast generation: the KV cache -----------------------------------------------------------------------
 
-class KVCache:
-    """The keys and values every attention layer has computed so far, in memory reserved up front:
-    `keys` and `values` are (n_layer, batch, n_kv_head, max_length, head_dim) each, filled left to right.
+class DecodingCache:
+    """What every cache of a decoding run knows: which of its `max_length` slots per row are filled, which of
+    them hold real tokens rather than left padding, each row's next position, and the attention mask of the
+    tokens being added. Subclasses hold what the attention layers store (`KVCache`, section 9's `LatentCache`).
 
-    A model's forward pass with the cache runs on the new tokens only: `extend` reserves their slots and
-    returns their positions, then each layer's `attend` writes its new keys and values and attends over
-    every filled slot. Rows may start with left padding (`real` False): padded slots are never attended to,
-    and each row's positions count its real tokens only, so a padded row computes what it would alone.
+    A model's forward pass with a cache runs on the new tokens only: `extend` reserves their slots and returns
+    their positions, then each layer stores what it computed for them and attends over every filled slot.
+    Padded slots are never attended to, and each row's positions count its real tokens only, so a padded row
+    computes what it would alone.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        shape = (n_layer, batch, n_kv_head, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, batch: int, max_length: int, device=None):
         self.real = torch.zeros(batch, max_length, dtype=torch.bool, device=device)   # slot holds a token
         self.max_length = max_length
         self.reset()
-
-    @classmethod
-    def for_model(cls, model: nn.Module, batch: int, max_length: int) -> "KVCache":
-        """A cache shaped for a `GPTModel` or `LlamaModel` (any subclass), in its parameters' dtype and device."""
-        cfg = model.cfg
-        weight = next(model.parameters())
-        return cls(cfg.n_layer, batch, getattr(cfg, "n_kv_head", cfg.n_head), cfg.n_embd // cfg.n_head,
-                   max_length, weight.dtype, weight.device)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cache holds: 2 (keys, values) * n_layer * batch * n_kv_head * max_length * head_dim * size."""
-        return self.keys.nbytes + self.values.nbytes
 
     def reset(self) -> None:
         """Empty the cache: the next `extend` starts at slot 0, position 0."""
@@ -793,6 +811,31 @@ class KVCache:
         allowed = (keys <= queries) & self.real[:, None, :end] | (keys == queries)
         return allowed[:, None], False
 
+
+class KVCache(DecodingCache):
+    """The keys and values every attention layer has computed so far, in memory reserved up front:
+    `keys` and `values` are (n_layer, batch, n_kv_head, max_length, head_dim) each, filled left to right."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layer, batch, n_kv_head, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(batch, max_length, device)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_length: int) -> "KVCache":
+        """A cache shaped for a `GPTModel` or `LlamaModel` (any subclass), in its parameters' dtype and device."""
+        cfg = model.cfg
+        weight = next(model.parameters())
+        return cls(cfg.n_layer, batch, getattr(cfg, "n_kv_head", cfg.n_head), cfg.n_embd // cfg.n_head,
+                   max_length, weight.dtype, weight.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: 2 (keys, values) * n_layer * batch * n_kv_head * max_length * head_dim * size."""
+        return self.keys.nbytes + self.values.nbytes
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store `k`, `v` (batch, n_kv_head, seq, head_dim) of the new tokens in `layer`'s slots and attend
         with `q` (batch, n_head, seq, head_dim) over all filled slots: -> (batch, n_head, seq, head_dim).
@@ -819,12 +862,19 @@ def gpt_hidden_states(model: GPTModel, idx: torch.Tensor, cache: KVCache,
     return t.ln_f(x)
 
 
+def new_cache(model: nn.Module, batch: int, max_length: int) -> DecodingCache:
+    """The cache `model` decodes with: its own kind if it makes one (`model.new_cache`), else a `KVCache`."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(batch, max_length)
+    return KVCache.for_model(model, batch, max_length)
+
+
 def supports_cache(model: nn.Module) -> bool:
     """Whether `generate` can run `model` with a KV cache: a GPTModel or a LlamaModel (or a subclass)."""
     return isinstance(model, (GPTModel, LlamaModel))
 
 
-def cached_hidden_states(model: nn.Module, idx: torch.Tensor, cache: KVCache,
+def cached_hidden_states(model: nn.Module, idx: torch.Tensor, cache: DecodingCache,
                          real: torch.Tensor | None = None) -> torch.Tensor:
     """The final hidden states (batch, seq, n_embd) of the new tokens `idx`, through `cache`."""
     if isinstance(model, LlamaModel):
@@ -884,7 +934,7 @@ class CachedLogits:
 
     def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None):
         self.model = model
-        self.cache = KVCache.for_model(model, batch, min(total_length, model.cfg.context_length))
+        self.cache = new_cache(model, batch, min(total_length, model.cfg.context_length))
         # the output layer: a module if the model has one (a packed or LoRA layer), else its weight matrix
         head = getattr(model, "lm_head", None)
         self.weight = output_weight(model)[:vocab_size] if isinstance(head, (nn.Linear, type(None))) else None
@@ -984,8 +1034,163 @@ def pack_for_decoding(model: nn.Module, batch_hint: int = 1) -> nn.Module:
         return model
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
+            if child_name in getattr(module, "keep_unpacked", ()):         # a weight read directly, not through
+                continue                                                  # the layer (section 9's kv_b_proj)
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
                 setattr(module, child_name, PackedLinear(child.weight, child.bias, batch_hint))
     if not hasattr(model, "lm_head") and hasattr(model, "output_weight"):
         model.lm_head = PackedLinear(model.output_weight, None, batch_hint)
     return model
+
+
+def measure_read_bandwidth(device="cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this device reads from memory: the best of `repeats` sums over a float32 tensor of
+    `megabytes` MB, far larger than any cache (one add per 4 bytes read keeps the sum memory-bound)."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum().item()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every matrix it multiplies by, once (the linear layers and the
+    output layer, which for a tied model is the embedding). Norms, biases and the one embedding row each token
+    looks up are left out: they are a rounding error."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, PackedLinear):
+            total += module.in_features * module.out_features * 4
+    if not hasattr(model, "lm_head"):
+        total += model.output_weight.numel() * model.output_weight.element_size()
+    return total
+
+
+# ---- Cache memory: MHA, GQA, MQA and latent attention ----------------------------------------------------
+
+def kv_cache_bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, bytes_per_value: int = 2) -> int:
+    """Bytes a key/value cache holds per token: a key and a value of head_dim numbers for each of the n_kv_head
+    heads of every layer. n_kv_head = n_head is multi-head attention, fewer is GQA, one is MQA."""
+    return 2 * n_kv_head * head_dim * n_layer * bytes_per_value
+
+
+def latent_cache_bytes_per_token(n_layer: int, kv_lora_rank: int, rope_dim: int, bytes_per_value: int = 2) -> int:
+    """Bytes a latent-attention cache holds per token: per layer, the compressed latent (kv_lora_rank numbers)
+    and the rotated key all heads share (rope_dim), whatever the number of heads."""
+    return (kv_lora_rank + rope_dim) * n_layer * bytes_per_value
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-AI, 2024, DeepSeek-V2): causal self-attention in which every head's
+    keys and values are rebuilt from one small vector per token, the latent c = RMSNorm(W_DKV x) of
+    `kv_lora_rank` numbers. Positions cannot ride in c (a rotation would not commute with the rebuilding), so
+    each token also has one `rope_dim`-wide key k_R, rotated by RoPE and shared by all heads. Per head h:
+
+        k_h = [W_UK_h c ; rope(k_R)],   v_h = W_UV_h c,   q_h = [q_nope_h ; rope(q_rope_h)]
+
+    with the queries computed from x directly, or through their own compressed latent (`q_lora_rank` > 0). A
+    cache keeps [c ; rope(k_R)]: kv_lora_rank + rope_dim numbers per token and layer. Head sizes are n_embd /
+    n_head for q_nope, k_nope and v. (batch, seq, n_embd) -> same shape; Hugging Face's DeepSeek-V3 names.
+    """
+
+    keep_unpacked = ("kv_b_proj",)          # the absorbed path reads its weight: `pack_for_decoding` leaves it
+
+    def __init__(self, n_embd: int, n_head: int, kv_lora_rank: int, rope_dim: int, q_lora_rank: int = 0,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        self.n_head, self.head_dim, self.rope_dim = n_head, n_embd // n_head, rope_dim
+        self.kv_lora_rank = kv_lora_rank
+        query_width = n_head * (self.head_dim + rope_dim)
+        if q_lora_rank:
+            self.q_a_proj = nn.Linear(n_embd, q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, query_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(n_embd, query_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(n_embd, kv_lora_rank + rope_dim, bias=False)    # W_DKV and k_R's
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, norm_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_head * 2 * self.head_dim, bias=False)    # W_UK and W_UV
+        self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
+        self.scale = (self.head_dim + rope_dim) ** -0.5
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, seq, n_embd) -> q_nope (batch, n_head, seq, head_dim), q_rope (batch, n_head, seq, rope_dim)."""
+        batch, seq, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_rope = q.view(batch, seq, self.n_head, -1).transpose(1, 2).split([self.head_dim, self.rope_dim], -1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, n_embd) -> (batch, seq, kv_lora_rank + rope_dim): [c ; rope(k_R)], what a cache keeps."""
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, None], cos, sin)[:, 0]           # one "head", rotated like the queries
+        return torch.cat([self.kv_a_layernorm(c), k_rope], dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "LatentCache | None" = None,
+                layer: int = 0, absorb: bool | None = None) -> torch.Tensor:
+        """With a `cache`, `x` holds the new positions only. `absorb` picks the attention path (default: the
+        absorbed one when decoding with a cache, the expanded one in training); both compute the same."""
+        q_nope, q_rope = self.queries(x, cos, sin)
+        latents = self.latents(x, cos, sin)
+        mask, is_causal = None, True
+        if cache is not None:
+            latents = cache.store(layer, latents)                      # (batch, all positions, rank + rope)
+            mask, is_causal = cache.mask, cache.is_causal
+        absorb = cache is not None if absorb is None else absorb
+        attend = self.absorbed if absorb else self.expanded
+        context = attend(q_nope, q_rope, latents, mask, is_causal)     # (batch, n_head, seq, head_dim)
+        return self.o_proj(context.transpose(1, 2).flatten(2))
+
+    def expanded(self, q_nope, q_rope, latents, mask, is_causal) -> torch.Tensor:
+        """The naive path: rebuild every head's keys and values from the latents of all positions, then attend."""
+        batch, length, _ = latents.shape
+        c, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c).view(batch, length, self.n_head, -1).transpose(1, 2).split(self.head_dim, -1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(batch, self.n_head, length, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+
+    def absorbed(self, q_nope, q_rope, latents, mask, is_causal) -> torch.Tensor:
+        """The inference path: q_h . (W_UK_h c) = (W_UK_h^T q_h) . c, so W_UK moves into the query; and the
+        weighted sum of W_UV_h c is W_UV_h times the weighted sum of c, so W_UV moves after the attention. What
+        is left is multi-query attention over the cached latents themselves: one key head [c ; rope(k_R)]
+        of kv_lora_rank + rope_dim numbers and one value head c, for all query heads. No per-head key or value
+        is ever built."""
+        weight = self.kv_b_proj.weight.view(self.n_head, 2 * self.head_dim, self.kv_lora_rank)
+        w_uk, w_uv = weight[:, :self.head_dim], weight[:, self.head_dim:]    # (n_head, head_dim, rank) each
+        q = torch.cat([q_nope @ w_uk, q_rope], dim=-1)                       # (batch, n_head, seq, rank + rope)
+        keys = latents[:, None]                                              # (batch, 1, length, rank + rope)
+        values = latents[:, None, :, :self.kv_lora_rank]                     # (batch, 1, length, rank)
+        mixed = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
+                                               scale=self.scale, enable_gqa=True)   # (batch, n_head, seq, rank)
+        return mixed @ w_uv.transpose(1, 2)                                  # (batch, n_head, seq, head_dim)
+
+
+class LatentCache(DecodingCache):
+    """The cache of a model with latent attention: `latents` (n_layer, batch, max_length, kv_lora_rank +
+    rope_dim), each token's [c ; rope(k_R)] per layer, filled left to right."""
+
+    def __init__(self, n_layer: int, batch: int, kv_lora_rank: int, rope_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.latents = torch.zeros(n_layer, batch, max_length, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        super().__init__(batch, max_length, device)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_length: int) -> "LatentCache":
+        """A cache for a `HybridModel` with attention="mla", in its parameters' dtype and device."""
+        cfg, weight = model.cfg, next(model.parameters())
+        return cls(cfg.n_layer, batch, cfg.kv_lora_rank, cfg.rope_head_dim, max_length, weight.dtype, weight.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: n_layer * batch * max_length * (kv_lora_rank + rope_dim) * size."""
+        return self.latents.nbytes
+
+    def store(self, layer: int, latents: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens' latents (batch, seq, rank + rope) into `layer`'s slots; return all filled ones."""
+        self.latents[layer, :, self.start:self.length] = latents
+        return self.latents[layer, :, :self.length]

@@ -9,18 +9,27 @@ import transformers
 from ch03_gpt_model.gpt import GPTConfig, GPTModel
 from ch03_gpt_model.gpt import generate as generate_ch3
 from ch06_llama.llama import (
+    LLAMA_CONFIGS,
     CachedLogits,
     HybridConfig,
     HybridModel,
     KVCache,
+    LatentAttention,
+    LatentCache,
     LlamaConfig,
     LlamaModel,
     PackedLinear,
     generate,
+    kv_cache_bytes_per_token,
+    latent_cache_bytes_per_token,
     left_pad,
+    new_cache,
     pack_for_decoding,
+    rope_cos_sin,
+    rope_frequencies,
     supports_cache,
 )
+from shared.config import ConfigError
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -46,7 +55,14 @@ def hybrid(context_length: int = 64) -> HybridModel:
                                     positions="learned", norm="layer", mlp="gelu"))
 
 
-MODELS = {"gpt": gpt, "llama": llama, "hybrid": hybrid}
+def mla(context_length: int = 64, q_lora_rank: int = 0) -> HybridModel:
+    torch.manual_seed(0)
+    return HybridModel(HybridConfig(vocab_size=VOCAB, context_length=context_length, n_layer=2, n_head=4,
+                                    n_kv_head=4, n_embd=32, ffn_hidden=48, rope_theta=10000.0, rope_scaling=None,
+                                    attention="mla", kv_lora_rank=16, rope_head_dim=4, q_lora_rank=q_lora_rank))
+
+
+MODELS = {"gpt": gpt, "llama": llama, "hybrid": hybrid, "mla": mla}
 
 
 def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -209,9 +225,25 @@ def test_a_model_without_cache_support_falls_back_to_recomputing():
 def test_cache_bytes_follow_the_formula(name, kv_heads):
     model = MODELS[name]()
     cfg, batch, length = model.cfg, 3, 50
-    cache = KVCache.for_model(model, batch, length)
-    per_token = 2 * kv_heads * (cfg.n_embd // cfg.n_head) * cfg.n_layer * 4      # keys and values, fp32
+    cache = new_cache(model, batch, length)
+    assert isinstance(cache, KVCache)
+    per_token = kv_cache_bytes_per_token(cfg.n_layer, kv_heads, cfg.n_embd // cfg.n_head, bytes_per_value=4)
+    assert per_token == 2 * kv_heads * (cfg.n_embd // cfg.n_head) * cfg.n_layer * 4      # keys and values, fp32
     assert cache.nbytes == per_token * batch * length
+
+
+def test_latent_cache_bytes_follow_the_formula():
+    model = mla()
+    cache = new_cache(model, 3, 50)
+    assert isinstance(cache, LatentCache)
+    assert cache.nbytes == latent_cache_bytes_per_token(2, 16, 4, bytes_per_value=4) * 3 * 50 == (16 + 4) * 2 * 4 * 150
+
+
+def test_released_models_cache_bytes_per_token_in_bf16():
+    llama_1b, llama_8b = LLAMA_CONFIGS["llama-3.2-1b"], LLAMA_CONFIGS["llama-3.1-8b"]
+    assert kv_cache_bytes_per_token(llama_1b.n_layer, llama_1b.n_kv_head, llama_1b.head_dim) == 32_768
+    assert kv_cache_bytes_per_token(llama_8b.n_layer, llama_8b.n_kv_head, llama_8b.head_dim) == 131_072
+    assert latent_cache_bytes_per_token(61, 512, 64) == 70_272           # DeepSeek-V3: 61 layers, rank 512, rope 64
 
 
 def test_a_full_cache_refuses_more_tokens():
@@ -256,3 +288,70 @@ def test_batched_greedy_tokens_equal_transformers_generate(name, tmp_path):
         theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False,
                              pad_token_id=0)
     assert torch.equal(generate(model, idx, 30, temperature=0, attention_mask=mask), theirs)
+
+
+# ---- latent attention ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+def test_latent_attention_equals_transformers_deepseek_v3_and_absorbing_changes_nothing(q_lora_rank):
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek
+
+    torch.manual_seed(0)
+    ours = LatentAttention(64, 4, kv_lora_rank=32, rope_dim=8, q_lora_rank=q_lora_rank, norm_eps=1e-6).eval()
+    for parameter in ours.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    config = transformers.DeepseekV3Config(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank or None,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
+        rms_norm_eps=1e-6, attention_bias=False, max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    theirs = deepseek.DeepseekV3Attention(config, layer_idx=0).eval()
+    theirs.load_state_dict(ours.state_dict())                           # the same names, the same shapes
+    x = torch.randn(2, 9, 64)
+    cos, sin = rope_cos_sin(rope_frequencies(8, config.rope_parameters["rope_theta"]), torch.arange(9))
+    causal = torch.full((9, 9), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        expected = theirs(x, deepseek.DeepseekV3RotaryEmbedding(config)(x, torch.arange(9)[None]), causal)[0]
+        expanded, absorbed = (ours(x, cos, sin, absorb=absorb) for absorb in (False, True))
+    torch.testing.assert_close(expanded, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_attention_decodes_with_the_absorbed_path_and_trains_with_the_expanded_one(monkeypatch):
+    model = mla(q_lora_rank=8)
+    calls = []
+
+    def recorded(path: str):
+        original = getattr(LatentAttention, path)
+
+        def run(self, *args):
+            calls.append(path)
+            return original(self, *args)
+        return run
+
+    for path in ("absorbed", "expanded"):
+        monkeypatch.setattr(LatentAttention, path, recorded(path))
+    generate(model, prompt(1, 4), 2, temperature=0)
+    assert set(calls) == {"absorbed"}
+    calls.clear()
+    model.train()(prompt(2, 8), prompt(2, 8, seed=2)).backward()
+    assert set(calls) == {"expanded"}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_packing_keeps_the_weight_the_absorbed_path_reads():
+    model = mla()
+    packed = pack_for_decoding(copy.deepcopy(model))
+    assert all(isinstance(layer.self_attn.kv_b_proj, torch.nn.Linear) for layer in packed.model.layers)
+    idx, mask = left_pad(PROMPTS)
+    assert torch.equal(generate(packed, idx, 20, temperature=0, attention_mask=mask),
+                       generate(model, idx, 20, temperature=0, attention_mask=mask))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(attention="mqa"), "attention"), (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(rope_head_dim=5), "rope_head_dim"), (dict(q_lora_rank=-1), "q_lora_rank"),
+])
+def test_bad_latent_attention_settings_are_refused(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        HybridConfig(**changes)
