@@ -1084,6 +1084,8 @@ def latent_cache_bytes_per_token(n_layer: int, kv_lora_rank: int, rope_dim: int,
     return (kv_lora_rank + rope_dim) * n_layer * bytes_per_value
 
 
+# ---- Multi-head latent attention, from scratch -----------------------------------------------------------
+
 class LatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-AI, 2024, DeepSeek-V2): causal self-attention in which every head's
     keys and values are rebuilt from one small vector per token, the latent c = RMSNorm(W_DKV x) of
