@@ -15,6 +15,7 @@
   and `generate` (chapter 3's, with `use_cache`, `attention_mask` and `on_token`); `PackedLinear` and
   `pack_for_decoding`, `measure_read_bandwidth`, `decode_bytes_per_token`: why decoding is memory-bound.
 """
+import codecs
 import json
 import math
 import os
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ch01_tokenization.tokenization import LLAMA3_SPLIT_PATTERN, BPETokenizer
 from ch03_gpt_model.gpt import GPTModel, check_generate_args, check_token_inputs, linear_cross_entropy, sample_next
 from ch05_finetuning.finetuning import output_weight
 from shared.config import ConfigError, knob
-from shared.data import DataUnavailableError
+from shared.data import DataUnavailableError, fetch
 from shared.files import atomic_write
 
 
@@ -966,7 +968,8 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     - `attention_mask` (batch, seq): 1 for real tokens, 0 for left padding (`left_pad` builds both), so that
       prompts of different lengths run as one batch; each row gets the tokens it would get alone.
     - `eos_id`: each row stops at its own end-of-sequence token and repeats it until all rows have stopped.
-    - `on_token(ids)`: called with each step's new ids (batch,) as soon as they are chosen (streaming).
+    - `on_token(ids)`: called with each step's new ids (batch,) as soon as they are chosen (streaming). An
+      exception it raises (a KeyboardInterrupt, say) ends the generation and propagates.
     - Inputs longer than the context are cropped to its last `context_length` tokens, as in chapter 3.
     """
     check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size)
@@ -980,20 +983,22 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     was_training = model.training
     model.eval()
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            next_id = sample_next(next_logits(idx, real), temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id == eos_id
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
-            if real is not None:
-                real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
-            if on_token is not None:
-                on_token(next_id)
-            if eos_id is not None and finished.all():
-                break
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                next_id = sample_next(next_logits(idx, real), temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                    finished |= next_id == eos_id
+                idx = torch.cat([idx, next_id[:, None]], dim=1)
+                if real is not None:
+                    real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+                if on_token is not None:
+                    on_token(next_id)
+                if eos_id is not None and finished.all():
+                    break
+    finally:                                        # also when interrupted (Ctrl-C in a chat)
+        model.train(was_training)
     return idx
 
 
@@ -1196,3 +1201,159 @@ class LatentCache(DecodingCache):
         """Write the new tokens' latents (batch, seq, rank + rope) into `layer`'s slots; return all filled ones."""
         self.latents[layer, :, self.start:self.length] = latents
         return self.latents[layer, :, :self.length]
+
+
+# ---- A chat ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ChatModel:
+    """A chat model and what talking to it needs: its tokenizer, its chat template (Jinja2), the token that ends
+    its turn, and the variables its template expects besides the messages (such as `bos_token`)."""
+
+    model: nn.Module
+    tokenizer: BPETokenizer
+    template: str
+    end_of_turn: int
+    template_variables: dict
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<|endoftext|>")   # ChatML, Llama 3, ...
+
+
+def end_of_turn_id(special_tokens: dict[str, int], fallback: int | None) -> int:
+    """The id of the token that ends an assistant's turn: a known end-of-turn token, else `fallback` (the
+    model's end-of-sequence id). A ValueError if there is neither."""
+    for token in END_OF_TURN_TOKENS:
+        if token in special_tokens:
+            return special_tokens[token]
+    if fallback is None:
+        raise ValueError(f"cannot tell which token ends a turn: none of {END_OF_TURN_TOKENS} is a special token "
+                         f"and the model names no end-of-sequence token")
+    return fallback
+
+
+def load_chat_model(source: str | os.PathLike | None = None) -> ChatModel:
+    """A chat model from a GGUF file (default: SmolLM2-135M-Instruct, fetched, or found in the offline mirror),
+    or from a Hugging Face Llama folder with config.json, model.safetensors, tokenizer_config.json and Meta's
+    original/tokenizer.model (what `download_llama_hf` fetches)."""
+    path = fetch("smollm2-135m-instruct") if source is None else Path(source)
+    if path.is_dir():
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        specials = special_tokens_from_hf(path / "tokenizer_config.json")
+        tokenizer = BPETokenizer.from_tiktoken(path / "original" / "tokenizer.model", LLAMA3_SPLIT_PATTERN, specials)
+        model = LlamaModel.from_pretrained_hf(path).eval()
+        eos = specials.get(config.get("eos_token")) if isinstance(config.get("eos_token"), str) else None
+        bos = config.get("bos_token") if isinstance(config.get("bos_token"), str) else ""
+        return ChatModel(model, tokenizer, config["chat_template"], end_of_turn_id(specials, eos), {"bos_token": bos})
+    if path.suffix != ".gguf" or not path.is_file():
+        raise FileNotFoundError(f"{path} is neither a .gguf file nor a folder holding a Hugging Face Llama "
+                                f"checkpoint (config.json, model.safetensors, tokenizer_config.json)")
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tokenizer = BPETokenizer.from_gguf(reader)
+    tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
+    bos = gguf_metadata(reader, "tokenizer.ggml.bos_token_id", -1)
+    eos = gguf_metadata(reader, "tokenizer.ggml.eos_token_id", -1)
+    return ChatModel(LlamaModel.from_gguf(reader), tokenizer, gguf_metadata(reader, "tokenizer.chat_template"),
+                     end_of_turn_id(tokenizer.special_tokens, None if eos < 0 else int(eos)),
+                     {"bos_token": tokens[bos] if bos >= 0 else ""})
+
+
+class TextStream:
+    """Token ids in, text out, as they come: a character whose UTF-8 bytes are split over several tokens (an
+    emoji, most CJK characters) comes out whole once its last byte has arrived, never as garbage."""
+
+    def __init__(self, tokenizer: BPETokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes (possibly empty)."""
+        return self.decoder.decode(self.tokenizer.decode_bytes([token]))
+
+
+@dataclass
+class ChatTurn:
+    """One answer: its text, how many tokens it took, how long, and whether Ctrl-C cut it short."""
+
+    text: str
+    tokens: int
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Chat:
+    """A conversation with a `ChatModel`: the messages so far, rendered with the model's template, answered with
+    chapter 6's cached `generate`, streamed as text.
+
+    The whole conversation is the prompt of every answer. When it no longer fits in the context together with
+    `max_new_tokens`, the oldest exchanges are dropped (a system message stays). A Ctrl-C while the model
+    answers ends that answer, which is kept as far as it got; the conversation goes on.
+    """
+
+    def __init__(self, chat_model: ChatModel, system: str | None = None, temperature: float = 0.7,
+                 top_k: int | None = None, top_p: float | None = 0.9, max_new_tokens: int = 256,
+                 seed: int | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.chat_model, self.max_new_tokens, self.clock = chat_model, max_new_tokens, clock
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.system = [] if system is None else [{"role": "system", "content": system}]
+        self.messages: list[dict] = []
+        context = chat_model.model.cfg.context_length
+        if not 1 <= max_new_tokens < context:
+            raise ValueError(f"max_new_tokens must be in 1..{context - 1} (the context holds {context} tokens), "
+                             f"got {max_new_tokens}")
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation, rendered and encoded, with the oldest exchanges dropped until it leaves room for
+        `max_new_tokens` in the context. A ValueError if even the last message alone does not fit."""
+        room = self.chat_model.model.cfg.context_length - self.max_new_tokens
+        for first in range(0, max(len(self.messages), 1), 2):   # drop the oldest question and answer, again...
+            text = chat_prompt(self.system + self.messages[first:], self.chat_model.template,
+                               **self.chat_model.template_variables)
+            ids = self.chat_model.tokenizer.encode(text, allowed_special="all")
+            if len(ids) <= room:
+                self.messages = self.messages[first:]
+                return ids
+        raise ValueError(f"the message takes {len(ids)} tokens with the template, but only {room} fit in the "
+                         f"context before the answer; shorten it, or lower max_new_tokens")
+
+    def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> ChatTurn:
+        """Answer `message`, passing the answer's text to `on_text` piece by piece as it is generated."""
+        self.messages.append({"role": "user", "content": message})
+        try:
+            ids = self.prompt_ids()
+        except ValueError:
+            self.messages.pop()
+            raise
+        model, tokenizer = self.chat_model.model, self.chat_model.tokenizer
+        end, answer, text = self.chat_model.end_of_turn, [], TextStream(tokenizer)
+
+        def stream(new_ids: torch.Tensor) -> None:
+            token = int(new_ids[0])
+            if token != end:
+                answer.append(token)
+                piece = text.push(token)
+                if piece and on_text is not None:
+                    on_text(piece)
+
+        device = next(model.parameters()).device
+        start, interrupted = self.clock(), False
+        try:
+            generate(model, torch.tensor([ids], device=device), self.max_new_tokens, eos_id=end,
+                     generator=self.generator, on_token=stream, **self.sampling)
+        except KeyboardInterrupt:
+            interrupted = True
+        seconds = self.clock() - start
+        reply = tokenizer.decode(answer)
+        self.messages.append({"role": "assistant", "content": reply})
+        return ChatTurn(reply, len(answer), seconds, interrupted)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = []

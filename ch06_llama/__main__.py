@@ -1,0 +1,103 @@
+"""Chapter 6's command line: chat with a Llama-architecture model, through the chapter's own code.
+
+    python -m ch06_llama chat [--model FILE.gguf | FOLDER | REPO_ID] [--temperature 0.7] [--top-k K]
+                              [--top-p 0.9] [--max-new-tokens 256] [--system TEXT] [--seed N] [--no-pack]
+
+The default model is SmolLM2-135M-Instruct, read from its 4-bit GGUF file (downloaded once, or found in the
+offline mirror `LLM_DATA_MIRROR` names). `--model` takes another Llama GGUF file, a Hugging Face Llama folder,
+or a Hugging Face repository id such as meta-llama/Llama-3.2-1B-Instruct (downloaded with HF_TOKEN).
+
+At a terminal: type a message and press Enter; the answer streams as it is generated, then its speed. Ctrl-C
+during an answer ends the answer, not the chat; Ctrl-C or Ctrl-D at the prompt ends the chat. `/reset` forgets
+the conversation. When standard input is not a terminal, each line is one message and each answer is printed
+in turn, so a chat can be scripted: `printf 'Hi!\\nWhat is 2 + 2?\\n' | python -m ch06_llama chat`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from ch06_llama.llama import Chat, download_llama_hf, load_chat_model, pack_for_decoding
+from shared.data import DataUnavailableError
+
+PROG = "python -m ch06_llama"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat = commands.add_parser("chat", help="chat with a model, streaming its answers",
+                               description=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    chat.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id "
+                                      "(default: SmolLM2-135M-Instruct)")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0: always the most likely token (default 0.7)")
+    chat.add_argument("--top-k", type=int, help="sample among the k most likely tokens only (default: all)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="sample among the most likely tokens whose "
+                                                                "probabilities reach p (default 0.9; 1: all)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
+    chat.add_argument("--seed", type=int, help="seed the sampling, for answers that repeat from run to run")
+    chat.add_argument("--no-pack", action="store_true", help="keep the weights in PyTorch's layout (slower on CPU)")
+    return parser.parse_args(argv)
+
+
+def open_model(name: str | None):
+    """The ChatModel `--model` names: a path, else (with a slash, not a path) a Hugging Face repository id."""
+    if name is not None and not Path(name).exists() and "/" in name and not name.endswith(".gguf"):
+        return load_chat_model(download_llama_hf(name))
+    return load_chat_model(name)
+
+
+def messages(interactive: bool):
+    """The user's messages: prompted for at a terminal, else one per line of standard input."""
+    if not interactive:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+        return
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def chat(args: argparse.Namespace) -> int:
+    try:
+        chat_model = open_model(args.model)
+        session = Chat(chat_model, system=args.system, temperature=args.temperature, top_k=args.top_k,
+                       top_p=None if args.top_p >= 1 else args.top_p, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed)
+    except (DataUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"{PROG} chat: {err}", file=sys.stderr)
+        return 2
+    if not args.no_pack:
+        pack_for_decoding(chat_model.model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model; Ctrl-C stops an answer, Ctrl-D (or Ctrl-C here) leaves, /reset forgets.")
+    for message in messages(interactive):
+        if message == "/reset":
+            session.reset()
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        try:
+            turn = session.reply(message, on_text=lambda piece: print(piece, end="", flush=True))
+        except ValueError as err:                          # too long for the context, or refused by the template
+            print(f"({err})", file=sys.stderr)
+            continue
+        print(" [interrupted]" if turn.interrupted else "")
+        print(f"[{turn.tokens} tokens, {turn.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return chat(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Chapter 6's chat: the conversation within the context, streaming text, Ctrl-C, the command line."""
+import os
+import subprocess
+import sys
+
+import gguf
+import pytest
+import torch
+
+from ch01_tokenization.tokenization import BPETokenizer
+from ch06_llama.llama import (
+    Chat,
+    ChatModel,
+    LlamaConfig,
+    LlamaModel,
+    TextStream,
+    end_of_turn_id,
+    gguf_metadata,
+    load_chat_model,
+)
+from shared.data import fetch
+
+
+@pytest.fixture(scope="module")
+def smollm_parts():
+    """SmolLM2's tokenizer and chat template, from the GGUF file (the mirror offline)."""
+    reader = gguf.GGUFReader(fetch("smollm2-135m-instruct"))
+    return BPETokenizer.from_gguf(reader), gguf_metadata(reader, "tokenizer.chat_template")
+
+
+def toy_chat_model(smollm_parts, context_length: int = 96) -> ChatModel:
+    """A tiny random Llama with SmolLM2's vocabulary, so that chats with it are fast and fill the context."""
+    tokenizer, template = smollm_parts
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(vocab_size=49152, context_length=context_length, n_layer=1, n_head=2, n_kv_head=1,
+                                   n_embd=16, ffn_hidden=32, rope_theta=10000.0, rope_scaling=None)).eval()
+    return ChatModel(model, tokenizer, template, tokenizer.special_tokens["<|im_end|>"], {})
+
+
+class FakeClock:
+    """Two seconds pass between any two readings."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 2.0
+        return self.now
+
+
+def test_text_streams_whole_characters_split_over_tokens(smollm_parts):
+    tokenizer, _ = smollm_parts
+    text = "café 日本語 🤗 👍🏽 done"
+    ids = tokenizer.encode(text)
+    assert any(not tokenizer.decode_bytes([i]).decode("utf-8", errors="ignore") for i in ids)   # a split char
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text and all("\ufffd" not in piece for piece in pieces)
+
+
+def test_old_exchanges_are_dropped_to_fit_the_context_and_the_system_message_stays(smollm_parts):
+    chat = Chat(toy_chat_model(smollm_parts), system="Be brief.", temperature=0, max_new_tokens=8,
+                clock=FakeClock())
+    for n in range(6):
+        turn = chat.reply(f"Question number {n}, please answer it.")
+        assert turn.tokens <= 8 and turn.tokens_per_second == turn.tokens / 2.0
+        assert len(chat.prompt_ids()) + 8 <= 96 or len(chat.messages) <= 1
+    assert len(chat.messages) < 12                                      # some exchanges were dropped
+    assert chat.messages[-2]["content"] == "Question number 5, please answer it."
+    rendered = chat.chat_model.tokenizer.decode(chat.prompt_ids())
+    assert rendered.startswith("<|im_start|>system\nBe brief.")
+
+
+def test_a_message_longer_than_the_context_is_refused_and_forgotten(smollm_parts):
+    chat = Chat(toy_chat_model(smollm_parts), temperature=0, max_new_tokens=8)
+    chat.reply("Hello")
+    before = list(chat.messages)
+    with pytest.raises(ValueError, match="shorten it"):
+        chat.reply("word " * 200)
+    assert chat.messages == before
+    assert chat.reply("Hello again").tokens > 0                         # and the chat goes on
+
+
+def test_ctrl_c_ends_the_answer_not_the_chat(smollm_parts):
+    chat = Chat(toy_chat_model(smollm_parts, context_length=256), temperature=1.0, max_new_tokens=40, seed=0)
+    pieces = []
+
+    def impatient(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    turn = chat.reply("Tell me a long story.", on_text=impatient)
+    assert turn.interrupted and 3 <= turn.tokens < 40
+    assert chat.messages[-1] == {"role": "assistant", "content": turn.text}
+    assert not chat.reply("Still there?").interrupted
+
+
+def test_a_seeded_chat_repeats_itself(smollm_parts):
+    answers = [Chat(toy_chat_model(smollm_parts), temperature=1.0, max_new_tokens=10, seed=3).reply("Hi").text
+               for _ in range(2)]
+    assert answers[0] == answers[1]
+
+
+def test_end_of_turn_token():
+    assert end_of_turn_id({"<|eot_id|>": 7, "<|endoftext|>": 3}, None) == 7
+    assert end_of_turn_id({}, 2) == 2
+    with pytest.raises(ValueError, match="ends a turn"):
+        end_of_turn_id({"<|pad|>": 0}, None)
+
+
+def test_a_path_that_is_no_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a .gguf file nor a folder"):
+        load_chat_model(tmp_path / "missing.gguf")
+
+
+def test_the_command_line_answers_each_line_of_a_pipe():
+    result = subprocess.run(
+        [sys.executable, "-m", "ch06_llama", "chat", "--temperature", "0", "--max-new-tokens", "16"],
+        input="What is the capital of France?\n\n/reset\nWhat is the capital of France?\n", capture_output=True,
+        text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2 and "Paris" in answers[0] and answers[0] == answers[1]
+    assert result.stderr.count("tokens/s]") == 2 and "forgotten" in result.stderr
+
+
+def test_the_command_line_refuses_a_missing_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ch06_llama", "chat", "--model", str(tmp_path / "none.gguf")],
+                            input="", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "neither a .gguf file" in result.stderr
