@@ -6,8 +6,11 @@
    shape with random weights, one prompt of 16 tokens, `--new-tokens` greedy tokens, fp32, CPU.
 2. Against `transformers` `generate(do_sample=False)`, with the same weights and the same tokens out: GPT-2
    124M's shape and the real SmolLM2-135M-Instruct (from the GGUF mirror), batch 1 and batch 8, our plain
-   fp32 model, and the same model after `pack_for_decoding`. Contestants alternate round by round, so the
-   machine's noise hits all alike.
+   fp32 model, the same model after `pack_for_decoding`, and (optional, where torch.compile works) through
+   the compiled matrix-vector kernel in fp32 and with int8 weights; for SmolLM2 also llama.cpp on the same
+   GGUF file where `llama-cpp-python` is installed (optional). Contestants alternate round by round, so the
+   machine's noise hits all alike. int8 and llama.cpp compute with other weights: their tokens are compared,
+   not required to match.
 3. Prefill against decode, per token, and decode against its memory-bandwidth bound (weights read per
    token / this machine's read bandwidth, both measured here).
 Every ratio printed comes from this run; none is compared with a time taken elsewhere.
@@ -24,11 +27,13 @@ import torch
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel
 from ch03_gpt_model.gpt import generate as generate_recomputing
 from ch06_llama.llama import (
+    DecodeLinear,
     LlamaModel,
     decode_bytes_per_token,
     generate,
     measure_read_bandwidth,
     pack_for_decoding,
+    quantize_for_decoding,
 )
 from shared.data import fetch
 
@@ -60,10 +65,35 @@ def cache_against_recompute(model: GPTModel, new_tokens: int) -> None:
     print(f"   cache speed-up: {recompute_s / cached_s:.1f}x  (same {new_tokens} tokens)")
 
 
-def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int, rounds: int) -> None:
+def llama_cpp_contestant(gguf_path, prompt: torch.Tensor, new_tokens: int):
+    """llama.cpp generating greedily from the same prompt ids (batch 1), or None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run():
+        llm.reset()                                           # or it would reuse the prompt it saw last time
+        out = []
+        for token in llm.generate(prompt[0].tolist(), temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                break
+        return torch.cat([prompt, torch.tensor([out])], dim=1)
+    return run
+
+
+def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int, rounds: int,
+         gguf_path=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         hf = hf_class.from_pretrained(ours.save_pretrained_hf(folder), attn_implementation="sdpa").eval()
-    packed = pack_for_decoding(copy.deepcopy(ours), batch_hint=batch)
+    variants = {"ours, KV cache": ours,
+                "ours, KV cache + packed weights": pack_for_decoding(copy.deepcopy(ours), batch_hint=batch)}
+    if DecodeLinear.kernel() is not None:                                        # optional: torch.compile
+        variants["ours, compiled kernel, fp32"] = quantize_for_decoding(copy.deepcopy(ours), int8=False,
+                                                                         compiled=True)
+        variants["ours, compiled kernel, int8"] = quantize_for_decoding(copy.deepcopy(ours), compiled=True)
     prompt = torch.randint(0, 1000, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
     mask = torch.ones_like(prompt)
 
@@ -72,9 +102,12 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
             return hf.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=0)
 
-    contestants = {"transformers generate": theirs,
-                   "ours, KV cache": lambda: generate(ours, prompt, new_tokens, temperature=0),
-                   "ours, KV cache + packed weights": lambda: generate(packed, prompt, new_tokens, temperature=0)}
+    contestants = {"transformers generate": theirs}
+    for variant, model in variants.items():
+        contestants[variant] = lambda model=model: generate(model, prompt, new_tokens, temperature=0)
+    llama_cpp_run = llama_cpp_contestant(gguf_path, prompt, new_tokens) if gguf_path and batch == 1 else None
+    if llama_cpp_run is not None:
+        contestants["llama.cpp (Q4_1 file)"] = llama_cpp_run
     seconds, outputs = dict.fromkeys(contestants, 0.0), {}
     for run in contestants.values():                                             # warm-up
         run()
@@ -88,8 +121,10 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
     for contestant, took in seconds.items():
         same = "" if contestant == "transformers generate" else \
             f"  {seconds['transformers generate'] / took:4.2f}x transformers, same tokens: " \
-            f"{torch.equal(outputs[contestant], reference)}"
+            f"{(outputs[contestant] == reference).float().mean().item():.0%}"
         print(f"     {contestant:34s} {tokens / took:7.1f} tokens/s{same}")
+    for contestant in ("ours, KV cache", "ours, KV cache + packed weights"):
+        assert torch.equal(outputs[contestant], reference), f"{contestant} changed the tokens"
 
 
 def prefill_and_roofline(name: str, model: torch.nn.Module, bandwidth: float) -> None:
@@ -120,15 +155,19 @@ def main() -> None:
     if not args.skip_recompute:
         cache_against_recompute(gpt2, args.new_tokens)
     print(f"\n2. Against transformers, {args.race_tokens} new tokens per prompt, {args.rounds} rounds, fp32")
-    for name, model, hf_class in [("GPT-2 124M shape", gpt2, GPT2LMHeadModel),
-                                  ("SmolLM2-135M-Instruct", smollm, LlamaForCausalLM)]:
+    for name, model, hf_class, gguf_path in [("GPT-2 124M shape", gpt2, GPT2LMHeadModel, None),
+                                             ("SmolLM2-135M-Instruct", smollm, LlamaForCausalLM,
+                                              fetch("smollm2-135m-instruct"))]:
         for batch in (1, 8):
-            race(name, model, hf_class, batch, args.race_tokens, args.rounds)
+            race(name, model, hf_class, batch, args.race_tokens, args.rounds, gguf_path)
     bandwidth = measure_read_bandwidth()
     print(f"\n3. Prefill and decode, batch 1; this machine reads {bandwidth / 1e9:.1f} GB/s")
     for name, model in [("GPT-2 124M shape", gpt2), ("SmolLM2-135M", smollm)]:
         prefill_and_roofline(name, model, bandwidth)
         prefill_and_roofline(name + ", packed", pack_for_decoding(copy.deepcopy(model)), bandwidth)
+        if DecodeLinear.kernel() is not None:
+            prefill_and_roofline(name + ", int8 compiled", quantize_for_decoding(copy.deepcopy(model), compiled=True),
+                                 bandwidth)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -925,6 +926,17 @@ def recomputed_logits(model: nn.Module, idx: torch.Tensor, real: torch.Tensor | 
     return torch.cat([model(row[keep][-context:][None])[:, -1, :vocab_size] for row, keep in zip(idx, real)])
 
 
+def output_layer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from final hidden states (..., n_embd) to logits (..., vocab): the model's `lm_head` module
+    when it has one that is not a plain linear layer (packed, quantized, LoRA), else a product with its output
+    weight (the embedding, for a tied model)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None and not isinstance(head, nn.Linear):
+        return head
+    weight = output_weight(model)
+    return lambda hidden: hidden @ weight.t()
+
+
 class CachedLogits:
     """Next-token logits through a KV cache: the first call runs the prompt (prefill), each later call runs
     only the tokens added since (decode). The output layer runs on the last position only.
@@ -937,10 +949,7 @@ class CachedLogits:
     def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None):
         self.model = model
         self.cache = new_cache(model, batch, min(total_length, model.cfg.context_length))
-        # the output layer: a module if the model has one (a packed or LoRA layer), else its weight matrix
-        head = getattr(model, "lm_head", None)
-        self.weight = output_weight(model)[:vocab_size] if isinstance(head, (nn.Linear, type(None))) else None
-        self.vocab_size, self.seen = vocab_size, 0
+        self.output_layer, self.vocab_size, self.seen = output_layer(model), vocab_size, 0
 
     def __call__(self, idx: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Logits (batch, vocab) after `idx` (batch, seq): the whole sequence so far, of which the cache
@@ -951,8 +960,7 @@ class CachedLogits:
             new = min(idx.shape[1], self.cache.max_length)
         hidden = cached_hidden_states(self.model, idx[:, -new:], self.cache, None if real is None else real[:, -new:])
         self.seen = idx.shape[1]
-        last = hidden[:, -1]                                            # (batch, n_embd)
-        return last @ self.weight.t() if self.weight is not None else self.model.lm_head(last)[:, :self.vocab_size]
+        return self.output_layer(hidden[:, -1])[:, :self.vocab_size]     # the last position only
 
 
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -1031,21 +1039,29 @@ class PackedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def pack_for_decoding(model: nn.Module, batch_hint: int = 1) -> nn.Module:
-    """Replace, in place, every `nn.Linear` of a float32 CPU `model` by a `PackedLinear`, and give a model whose
-    output layer is its embedding (weight tying) a packed copy of it as `lm_head`. The model is then for
-    generation only (no training, no saving). Returns the model; unchanged where oneDNN cannot pack."""
-    if not PackedLinear.available() or next(model.parameters()).device.type != "cpu":
-        return model
+def replace_linear_layers(model: nn.Module,
+                          make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> nn.Module:
+    """Replace, in place, every float32 `nn.Linear` of `model` by `make(weight, bias)`, and give a model whose
+    output layer is its embedding (weight tying) `make(embedding, None)` as its `lm_head`. A module can keep
+    layers whose weight it reads directly by naming them in `keep_linear` (section 9's latent attention does).
+    The model is then for generation only: no training, no saving. Returns the model."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in getattr(module, "keep_unpacked", ()):         # a weight read directly, not through
-                continue                                                  # the layer (section 9's kv_b_proj)
+            if child_name in getattr(module, "keep_linear", ()):
+                continue
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
-                setattr(module, child_name, PackedLinear(child.weight, child.bias, batch_hint))
+                setattr(module, child_name, make(child.weight, child.bias))
     if not hasattr(model, "lm_head") and hasattr(model, "output_weight"):
-        model.lm_head = PackedLinear(model.output_weight, None, batch_hint)
+        model.lm_head = make(model.output_weight, None)
     return model
+
+
+def pack_for_decoding(model: nn.Module, batch_hint: int = 1) -> nn.Module:
+    """Every linear layer of a float32 CPU `model` (and a tied output layer) as a `PackedLinear`, in place: for
+    generation only. Unchanged where oneDNN cannot pack (a GPU, some builds)."""
+    if not PackedLinear.available() or next(model.parameters()).device.type != "cpu":
+        return model
+    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, batch_hint))
 
 
 def measure_read_bandwidth(device="cpu", megabytes: int = 512, repeats: int = 5) -> float:
@@ -1063,16 +1079,96 @@ def measure_read_bandwidth(device="cpu", megabytes: int = 512, repeats: int = 5)
 def decode_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decoding step reads: every matrix it multiplies by, once (the linear layers and the
     output layer, which for a tied model is the embedding). Norms, biases and the one embedding row each token
-    looks up are left out: they are a rounding error."""
+    looks up are left out: they are a rounding error. A quantized layer counts its bytes and its scales."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, PackedLinear):
             total += module.in_features * module.out_features * 4
+        elif hasattr(module, "weight_bytes"):                          # section 8's DecodeLinear
+            total += module.weight_bytes
     if not hasattr(model, "lm_head"):
         total += model.output_weight.numel() * model.output_weight.element_size()
     return total
+
+
+# ---- Fewer bytes per weight: int8 ------------------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization with one scale per output channel: weight (out, in) -> (q, scale), q int8
+    (out, in) in -127..127 and scale float32 (out,), so that weight ~ q * scale[:, None]. Each row's largest
+    weight maps to +-127; every weight is off by at most half its row's step, scale / 2."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, in) times weight (out, in) transposed, times `scale` (out,) if given: (rows, out), written as a
+    broadcast product and a sum. Run eagerly that builds every product (rows, out, in) in memory; compiled
+    (`torch.compile`) it becomes one pass over the weight that reads int8 weights as int8, which is the point."""
+    out = (x[:, None, :] * weight.to(x.dtype)).sum(dim=-1)
+    return out if scale is None else out * scale
+
+
+class DecodeLinear(nn.Module):
+    """A frozen linear layer for generation, its weight in float32 or in int8 with a float32 scale per output
+    channel (`quantize_int8`): 1 byte per weight instead of 4, so decoding reads a quarter of the bytes.
+
+    A few rows at a time (decoding) go through `matvec` compiled by `torch.compile` when `compiled` is set;
+    otherwise, and for many rows at a time (a prompt), the weight is dequantized and multiplied by F.linear.
+    Both compute x @ (q * scale)^T. (batch..., in) -> (batch..., out).
+    """
+
+    KERNEL_ROWS = 16                    # up to this many rows, a matrix-vector kernel beats dequantizing
+    _kernel = None                      # the compiled `matvec`, made once, shared by every layer
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = True,
+                 compiled: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.compiled = weight.shape[1], weight.shape[0], compiled
+        stored, scale = quantize_int8(weight) if int8 else (weight.detach().float().contiguous(), None)
+        self.register_buffer("weight", stored, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one pass over the layer reads: the stored weight and its scales."""
+        return self.weight.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.compiled and rows.shape[0] <= self.KERNEL_ROWS and DecodeLinear.kernel() is not None:
+            out = DecodeLinear._kernel(rows, self.weight, self.scale)
+        else:
+            out = F.linear(rows, self.weight.to(rows.dtype))
+            out = out if self.scale is None else out * self.scale
+        out = out if self.bias is None else out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def kernel():
+        """The compiled `matvec`, or None where torch.compile cannot build it (it needs a C++ compiler on a CPU):
+        then the layers fall back to dequantizing, and say so once."""
+        if DecodeLinear._kernel is None:
+            try:
+                kernel = torch.compile(matvec, dynamic=True)
+                kernel(torch.ones(1, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4))   # compile now
+                DecodeLinear._kernel = kernel
+            except Exception as err:                  # torch.compile raises many kinds of errors
+                warnings.warn(f"torch.compile could not build the decoding kernel ({type(err).__name__}); "
+                              f"the layers dequantize instead", stacklevel=3)
+                DecodeLinear._kernel = False
+        return DecodeLinear._kernel or None
+
+
+def quantize_for_decoding(model: nn.Module, int8: bool = True, compiled: bool = False) -> nn.Module:
+    """Every linear layer of `model` (and a tied output layer) as a `DecodeLinear`, in place: int8 weights with
+    per-channel scales (or float32 ones, with `int8=False`), decoded through a compiled kernel if `compiled`.
+    The embedding stays float32: a token reads only its own row of it. For generation only."""
+    return replace_linear_layers(model, lambda weight, bias: DecodeLinear(weight, bias, int8, compiled))
 
 
 # ---- Cache memory: MHA, GQA, MQA and latent attention ----------------------------------------------------
@@ -1104,7 +1200,7 @@ class LatentAttention(nn.Module):
     n_head for q_nope, k_nope and v. (batch, seq, n_embd) -> same shape; Hugging Face's DeepSeek-V3 names.
     """
 
-    keep_unpacked = ("kv_b_proj",)          # the absorbed path reads its weight: `pack_for_decoding` leaves it
+    keep_linear = ("kv_b_proj",)            # the absorbed path reads its weight: `replace_linear_layers` keeps it
 
     def __init__(self, n_embd: int, n_head: int, kv_lora_rank: int, rope_dim: int, q_lora_rank: int = 0,
                  norm_eps: float = 1e-6):

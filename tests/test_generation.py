@@ -11,6 +11,7 @@ from ch03_gpt_model.gpt import generate as generate_ch3
 from ch06_llama.llama import (
     LLAMA_CONFIGS,
     CachedLogits,
+    DecodeLinear,
     HybridConfig,
     HybridModel,
     KVCache,
@@ -19,12 +20,15 @@ from ch06_llama.llama import (
     LlamaConfig,
     LlamaModel,
     PackedLinear,
+    decode_bytes_per_token,
     generate,
     kv_cache_bytes_per_token,
     latent_cache_bytes_per_token,
     left_pad,
     new_cache,
     pack_for_decoding,
+    quantize_for_decoding,
+    quantize_int8,
     rope_cos_sin,
     rope_frequencies,
     supports_cache,
@@ -355,3 +359,58 @@ def test_packing_keeps_the_weight_the_absorbed_path_reads():
 def test_bad_latent_attention_settings_are_refused(changes, match):
     with pytest.raises(ConfigError, match=match):
         HybridConfig(**changes)
+
+
+# ---- int8 weights --------------------------------------------------------------------------------------------
+
+def test_int8_quantization_is_within_half_a_step_per_channel():
+    weight = torch.randn(48, 80) * torch.logspace(-3, 1, 48)[:, None]      # rows of very different sizes
+    weight[5] = 0.0                                                          # and an all-zero row
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (48,) and int(q.abs().max()) == 127
+    assert (q.abs().amax(dim=1)[torch.arange(48) != 5] == 127).all()        # each row's largest weight: +-127
+    error = (q.float() * scale[:, None] - weight).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_decode_linear_computes_the_dequantized_layer_eagerly_and_compiled(int8):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 24)
+    q, scale = quantize_int8(layer.weight)
+    expected_weight = q.float() * scale[:, None] if int8 else layer.weight
+    for compiled in (False, True):
+        decode = DecodeLinear(layer.weight, layer.bias, int8=int8, compiled=compiled)
+        for x in (torch.randn(1, 40), torch.randn(2, 3, 40), torch.randn(40, 40)):   # decode rows, and a prompt
+            torch.testing.assert_close(decode(x), torch.nn.functional.linear(x, expected_weight, layer.bias),
+                                       atol=1e-4, rtol=1e-4)
+    assert DecodeLinear.kernel() is not None or DecodeLinear._kernel is False      # compiled, or said why not
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "mla"])
+def test_a_quantized_model_reads_a_quarter_of_the_bytes_and_still_generates(name):
+    model = MODELS[name]()
+    quantized = quantize_for_decoding(copy.deepcopy(model))
+    left = [n for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert all(n.endswith("self_attn.kv_b_proj") for n in left) and (len(left) == 2) == (name == "mla")
+    assert isinstance(quantized.lm_head, DecodeLinear)
+    ratio = decode_bytes_per_token(quantized) / decode_bytes_per_token(model)
+    assert 0.25 < ratio < (0.3 if name != "mla" else 0.45)                # scales, and MLA's kept kv_b_proj
+    idx, mask = left_pad(PROMPTS)
+    out = generate(quantized, idx, 10, temperature=0, attention_mask=mask)
+    assert out.shape == (len(PROMPTS), idx.shape[1] + 10)
+
+
+def test_int8_smollm_stays_close_to_fp32():
+    from ch06_llama.llama import load_chat_model, output_layer
+
+    chat_model = load_chat_model()
+    fp32 = chat_model.model
+    int8 = quantize_for_decoding(copy.deepcopy(fp32))
+    text = "The quick brown fox jumps over the lazy dog. " * 3 + "Paris is the capital of France, and Rome of Italy."
+    ids = torch.tensor([chat_model.tokenizer.encode(text)])
+    with torch.no_grad():
+        logits = [output_layer(m)(m.hidden_states(ids[:, :-1]))[0] for m in (fp32, int8)]
+    losses = [torch.nn.functional.cross_entropy(values, ids[0, 1:]).item() for values in logits]
+    agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+    assert abs(losses[1] - losses[0]) < 0.05 and agreement > 0.9
