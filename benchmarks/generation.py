@@ -88,6 +88,7 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
          gguf_path=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         hf = hf_class.from_pretrained(ours.save_pretrained_hf(folder), attn_implementation="sdpa").eval()
+    hf.generation_config.eos_token_id = None           # no end-of-text stop: every contestant runs new_tokens
     variants = {"ours, KV cache": ours,
                 "ours, KV cache + packed weights": pack_for_decoding(copy.deepcopy(ours), batch_hint=batch)}
     if DecodeLinear.kernel() is not None:                                        # optional: torch.compile
@@ -99,8 +100,8 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
 
     def theirs():
         with torch.no_grad():
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=0)
+            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)
 
     contestants = {"transformers generate": theirs}
     for variant, model in variants.items():

@@ -647,13 +647,18 @@ class ExampleBatches:
             self.position += take
         return indices
 
-    def next_micro_batches(self, rank: int, world: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def step_examples(self, rank: int, world: int) -> list[list]:
+        """This rank's examples for the next optimizer step: grad_accum lists of batch_size examples. Every rank
+        draws the same indices; micro-batch m of rank r is their slice number m * world + r."""
         size = self.cfg.batch_size
         indices = self.next_indices(size * self.cfg.grad_accum * world)
+        return [[self.train[i] for i in indices[(micro * world + rank) * size:][:size]]
+                for micro in range(self.cfg.grad_accum)]
+
+    def next_micro_batches(self, rank: int, world: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        for micro in range(self.cfg.grad_accum):
-            piece = (micro * world + rank) * size
-            x, y = self.collate([self.train[i] for i in indices[piece:piece + size]])
+        for examples in self.step_examples(rank, world):
+            x, y = self.collate(examples)
             batches.append((x.to(device), to_device(y, device)))
         return batches
 
@@ -1460,12 +1465,7 @@ class Rollouts(ExampleBatches):
 
     def next_micro_batches(self, rank: int, world: int, device) -> list:
         if self.uses == 0:
-            size = self.cfg.batch_size
-            indices = self.next_indices(size * self.cfg.grad_accum * world)
-            self.buffer = []
-            for micro in range(self.cfg.grad_accum):
-                piece = (micro * world + rank) * size
-                self.buffer.append(self.rollout([self.train[i] for i in indices[piece:piece + size]], device))
+            self.buffer = [self.rollout(examples, device) for examples in self.step_examples(rank, world)]
         self.uses = (self.uses + 1) % self.cfg.iterations
         return [(x.to(device), to_device(targets, device)) for x, targets in self.buffer]
 

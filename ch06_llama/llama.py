@@ -1104,12 +1104,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (rows, in) times weight (out, in) transposed, times `scale` (out,) if given: (rows, out), written as a
-    broadcast product and a sum. Run eagerly that builds every product (rows, out, in) in memory; compiled
+def matvec(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) times weight (out, in) transposed, times `scale` (out,): (rows, out), written as a broadcast
+    product and a sum. Run eagerly that builds every product (rows, out, in) in memory; compiled
     (`torch.compile`) it becomes one pass over the weight that reads int8 weights as int8, which is the point."""
-    out = (x[:, None, :] * weight.to(x.dtype)).sum(dim=-1)
-    return out if scale is None else out * scale
+    return (x[:, None, :] * weight.to(x.dtype)).sum(dim=-1) * scale
 
 
 class DecodeLinear(nn.Module):
@@ -1127,24 +1126,28 @@ class DecodeLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = True,
                  compiled: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.compiled = weight.shape[1], weight.shape[0], compiled
-        stored, scale = quantize_int8(weight) if int8 else (weight.detach().float().contiguous(), None)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.int8, self.compiled = int8, compiled
+        if int8:
+            stored, scale = quantize_int8(weight)
+        else:                                          # a scale of ones keeps one kernel for both kinds
+            stored, scale = weight.detach().float().contiguous(), torch.ones(weight.shape[0])
         self.register_buffer("weight", stored, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("scale", scale.to(weight.device), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes one pass over the layer reads: the stored weight and its scales."""
-        return self.weight.nbytes + (0 if self.scale is None else self.scale.nbytes)
+        """Bytes one pass over the layer reads: the stored weight and, for int8, its scales."""
+        return self.weight.nbytes + (self.scale.nbytes if self.int8 else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.compiled and rows.shape[0] <= self.KERNEL_ROWS and DecodeLinear.kernel() is not None:
-            out = DecodeLinear._kernel(rows, self.weight, self.scale)
+            # a fresh tensor rather than a view of x: then one compiled variant serves every call
+            out = DecodeLinear._kernel(rows.clone(), self.weight, self.scale)
         else:
-            out = F.linear(rows, self.weight.to(rows.dtype))
-            out = out if self.scale is None else out * self.scale
+            out = F.linear(rows, self.weight.to(rows.dtype)) * self.scale
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
