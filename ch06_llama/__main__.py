@@ -2,6 +2,7 @@
 
     python -m ch06_llama chat [--model FILE.gguf | FOLDER | REPO_ID] [--temperature 0.7] [--top-k K]
                               [--top-p 0.9] [--max-new-tokens 256] [--system TEXT] [--seed N] [--no-pack]
+                              [--device auto]
 
 The default model is SmolLM2-135M-Instruct, read from its 4-bit GGUF file (downloaded once, or found in the
 offline mirror `LLM_DATA_MIRROR` names). `--model` takes another Llama GGUF file, a Hugging Face Llama folder,
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ch06_llama.llama import Chat, download_llama_hf, load_chat_model, pack_for_decoding
 from shared.data import DataUnavailableError
+from shared.device import get_device
 
 PROG = "python -m ch06_llama"
 
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
     chat.add_argument("--seed", type=int, help="seed the sampling, for answers that repeat from run to run")
     chat.add_argument("--no-pack", action="store_true", help="keep the weights in PyTorch's layout (slower on CPU)")
+    chat.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or mps")
     return parser.parse_args(argv)
 
 
@@ -67,7 +70,9 @@ def messages(interactive: bool):
 
 def chat(args: argparse.Namespace) -> int:
     try:
+        device = get_device(args.device)
         chat_model = open_model(args.model)
+        chat_model.model.to(device)
         session = Chat(chat_model, system=args.system, temperature=args.temperature, top_k=args.top_k,
                        top_p=None if args.top_p >= 1 else args.top_p, max_new_tokens=args.max_new_tokens,
                        seed=args.seed)
