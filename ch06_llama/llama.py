@@ -13,7 +13,11 @@
   model's chat template.
 - Fast generation: `KVCache`, `gpt_hidden_states` (chapter 3's GPT-2 with a cache), `CachedLogits`, `left_pad`
   and `generate` (chapter 3's, with `use_cache`, `attention_mask` and `on_token`); `PackedLinear` and
-  `pack_for_decoding`, `measure_read_bandwidth`, `decode_bytes_per_token`: why decoding is memory-bound.
+  `pack_for_decoding`, `measure_read_bandwidth`, `decode_bytes_per_token`: why decoding is memory-bound;
+  `quantize_int8`, `DecodeLinear`, `quantize_for_decoding`: int8 weights, read by a compiled kernel.
+- Cache memory: `kv_cache_bytes_per_token`, `latent_cache_bytes_per_token`; `LatentAttention` (DeepSeek-V2's
+  multi-head latent attention, expanded and absorbed) and its `LatentCache`; `HybridConfig(attention="mla")`.
+- A chat: `load_chat_model`, `TextStream`, `Chat` (`python -m ch06_llama chat` is `__main__.py`).
 """
 import codecs
 import json
