@@ -1,8 +1,8 @@
-"""Decoding speed: chapter 6's KV cache against recomputation and against transformers' `generate`, in one run.
+"""Decoding speed: chapter 3's KV cache against recomputation and against transformers' `generate`, in one run.
 
     python benchmarks/generation.py [--new-tokens 512] [--race-tokens 128] [--rounds 2] [--skip-recompute]
 
-1. The cache against recomputing the whole sequence for every token (chapter 3's `generate`): GPT-2 124M's
+1. The cache against recomputing the whole sequence for every token (`generate(..., use_cache=False)`): GPT-2 124M's
    shape with random weights, one prompt of 16 tokens, `--new-tokens` greedy tokens, fp32, CPU.
 2. Against `transformers` `generate(do_sample=False)`, with the same weights and the same tokens out: GPT-2
    124M's shape and the real SmolLM2-135M-Instruct (from the GGUF mirror), batch 1 and batch 8, our plain
@@ -24,13 +24,11 @@ import warnings
 
 import torch
 
-from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel
-from ch03_gpt_model.gpt import generate as generate_recomputing
+from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, generate
 from ch06_llama.llama import (
     DecodeLinear,
     LlamaModel,
     decode_bytes_per_token,
-    generate,
     measure_read_bandwidth,
     pack_for_decoding,
     quantize_for_decoding,
@@ -57,10 +55,10 @@ def cache_against_recompute(model: GPTModel, new_tokens: int) -> None:
     prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     generate(model, prompt, 4, temperature=0)                                    # warm-up
     cached_s, cached = timed(lambda: generate(model, prompt, new_tokens, temperature=0))
-    recompute_s, recomputed = timed(lambda: generate_recomputing(model, prompt, new_tokens, temperature=0))
+    recompute_s, recomputed = timed(lambda: generate(model, prompt, new_tokens, temperature=0, use_cache=False))
     assert torch.equal(cached, recomputed), "the cache changed the tokens"
     print(f"\n1. GPT-2 124M shape, batch 1, {new_tokens} new tokens, fp32, {torch.get_num_threads()} threads")
-    print(f"   recompute every token (chapter 3) {new_tokens / recompute_s:8.1f} tokens/s")
+    print(f"   recompute every token             {new_tokens / recompute_s:8.1f} tokens/s")
     print(f"   KV cache                          {new_tokens / cached_s:8.1f} tokens/s")
     print(f"   cache speed-up: {recompute_s / cached_s:.1f}x  (same {new_tokens} tokens)")
 

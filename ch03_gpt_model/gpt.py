@@ -6,7 +6,10 @@
 - `GPTConfig`, `GPT_CONFIGS` (the four released sizes), `MLP`, `Block`, `GPTModel`: token ids to logits,
   with Hugging Face's parameter names; `from_pretrained_hf` and `save_pretrained_hf`.
 - `linear_cross_entropy`: the loss without the (tokens, vocabulary) logits, honouring `ignore_index`.
-- `generate`, `sample_next` and `filtered_logits`: greedy, temperature, top-k and top-p decoding.
+- `generate`, `sample_next` and `filtered_logits`: greedy, temperature, top-k and top-p decoding; the one
+  generation loop of the book, with a KV cache (`DecodingCache`, `KVCache`, `CachedLogits`) for any model
+  that implements the cache interface (`new_cache`, `hidden_states(idx, cache, real)`), batches of prompts
+  padded on the left (`left_pad`) and streaming; `output_weight` and `output_layer`.
 - `flops_per_token`, `peak_flops`, `measure_peak_flops`, `ACTIVATION_BYTES`, `saved_activation_bytes`:
   how much compute and memory a model needs, and how much a device offers.
 """
@@ -16,6 +19,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +110,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+        """With a `cache` (section 6), `x` holds only the new positions, which attend to the cached ones too:
+        the same projections (chapter 2's `queries_keys_values`), only the attention's last step reads the
+        cache, as layer `layer`."""
+        if cache is None:
+            attended = self.attn(self.ln_1(x))
+        else:
+            q, k, v = self.attn.queries_keys_values(self.ln_1(x))              # (batch, heads, seq, head_dim)
+            attended = self.attn.c_proj(cache.attend(layer, q, k, v).transpose(1, 2).flatten(2))
+        x = x + self.resid_dropout(attended)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -153,15 +165,25 @@ class GPTModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - (self.transformer.wpe.weight.numel() if exclude_positions else 0)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: "DecodingCache | None" = None,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq) ids -> (batch, seq, n_embd): the last block's output after the final LayerNorm, which
-        is what the output layer reads (chapter 5 puts a classifier on it instead)."""
-        check_token_inputs(idx, None, self.cfg.context_length)
-        positions = torch.arange(idx.shape[1], device=idx.device)
+        is what the output layer reads (chapter 5 puts a classifier on it instead). With a `cache` (section 6),
+        `idx` holds the tokens that follow the cached ones and `real` (batch, seq) marks which of them are real
+        (False: left padding; None: all); each row's positions count its own real tokens."""
+        if cache is None:
+            check_token_inputs(idx, None, self.cfg.context_length)
+            positions = torch.arange(idx.shape[1], device=idx.device)                  # (seq,)
+        else:
+            positions = cache.extend(idx, real)                                        # (batch, seq)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x) if cache is None else block(x, cache, layer)
         return self.transformer.ln_f(x)
+
+    def new_cache(self, batch: int, max_length: int) -> "KVCache":
+        """An empty KV cache for `batch` rows of up to `max_length` tokens, in this model's dtype and device."""
+        return KVCache.for_model(self, batch, max_length)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab); or, given `targets` (batch, seq), the mean next-token cross-entropy,
@@ -287,37 +309,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 # ---- Generating text -------------------------------------------------------------------------------------
 
-def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None, vocab_size: int | None = None) -> torch.Tensor:
-    """Extend `idx` (batch, seq) by up to `max_new_tokens` sampled tokens: returns (batch, seq + new).
-
-    temperature 0 picks the most likely token (greedy); otherwise logits are divided by `temperature`,
-    cut to the `top_k` most likely tokens and/or the smallest set whose probability reaches `top_p`, and
-    sampled. Inputs longer than the model's context are cropped to its last `context_length` tokens.
-    Generation stops early once every sequence has produced `eos_id` (finished rows then repeat it).
-    `vocab_size` keeps the choice among the first ids (a model whose vocabulary was padded for speed
-    has ids that no tokenizer decodes).
-    """
-    check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size)
-    context = model.cfg.context_length
-    was_training = model.training
-    model.eval()
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(idx[:, -context:])[:, -1, :vocab_size]
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id == eos_id
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
-            if eos_id is not None and finished.all():
-                break
-    model.train(was_training)
-    return idx
-
-
 def check_generate_args(model: nn.Module, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
                         vocab_size) -> None:
     """A ValueError, naming the argument, for anything `generate` cannot use as given."""
@@ -373,6 +364,245 @@ def filtered_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
         drop_sorted = probabilities.cumsum(dim=-1) - probabilities >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
+
+
+# ---- Faster: a KV cache ----------------------------------------------------------------------------------
+
+class DecodingCache:
+    """What every cache of a decoding run knows: which of its `max_length` slots per row are filled, which of
+    them hold real tokens rather than left padding, each row's next position, and the attention mask of the
+    tokens being added. Subclasses hold what the attention layers store (`KVCache`; chapter 6's `LatentCache`).
+
+    A model's forward pass with a cache runs on the new tokens only: `extend` reserves their slots and returns
+    their positions, then each layer stores what it computed for them and attends over every filled slot.
+    Padded slots are never attended to, and each row's positions count its real tokens only, so a padded row
+    computes what it would alone.
+    """
+
+    def __init__(self, batch: int, max_length: int, device=None):
+        self.real = torch.zeros(batch, max_length, dtype=torch.bool, device=device)   # slot holds a token
+        self.max_length = max_length
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache: the next `extend` starts at slot 0, position 0."""
+        self.length, self.start, self.padded = 0, 0, False
+        self.real.zero_()
+        self.next_position = torch.zeros(self.real.shape[0], dtype=torch.long, device=self.real.device)
+        self.mask, self.is_causal = None, False
+
+    def extend(self, idx: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for the tokens `idx` (batch, seq) (`real`: which are not padding; None: all are) and
+        return their positions (batch, seq): each row's count of real tokens before them. Also sets the
+        attention mask the layers' `attend` will use."""
+        batch, seq = idx.shape
+        start, end = self.length, self.length + seq
+        if batch != self.real.shape[0] or end > self.max_length:
+            raise ValueError(f"the cache holds {self.real.shape[0]} rows of {self.max_length} positions, "
+                             f"{self.length} filled; {batch} rows of {seq} more do not fit")
+        if real is None:
+            positions = self.next_position[:, None] + torch.arange(seq, device=idx.device)
+            self.real[:, start:end] = True
+        else:
+            positions = (self.next_position[:, None] + real.cumsum(dim=1) - 1).clamp(min=0)
+            self.real[:, start:end] = real
+            self.padded = self.padded or not bool(real.all())
+        self.next_position = positions[:, -1] + 1
+        self.start, self.length = start, end
+        self.mask, self.is_causal = self._mask(start, end)
+        return positions
+
+    def _mask(self, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for queries in slots start..end-1 over keys in slots 0..end-1. The mask is
+        (batch, 1, queries, keys), True where attention is allowed: a key before or at the query, and real
+        (or the query's own slot, so that a padding query, which nobody reads, has something to attend to)."""
+        if not self.padded and (end - start == 1 or start == 0):
+            return None, end - start > 1             # one new token sees everything; a first chunk is causal
+        keys = torch.arange(end, device=self.real.device)
+        queries = torch.arange(start, end, device=self.real.device)[:, None]
+        allowed = (keys <= queries) & self.real[:, None, :end] | (keys == queries)
+        return allowed[:, None], False
+
+
+class KVCache(DecodingCache):
+    """The keys and values every attention layer has computed so far, in memory reserved up front:
+    `keys` and `values` are (n_layer, batch, n_kv_head, max_length, head_dim) each, filled left to right."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layer, batch, n_kv_head, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(batch, max_length, device)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_length: int) -> "KVCache":
+        """A cache shaped for `model.cfg` (n_layer, n_head, n_embd, and n_kv_head where heads share keys and
+        values, as in chapter 6's Llama), in the model's parameters' dtype and device."""
+        cfg = model.cfg
+        weight = next(model.parameters())
+        return cls(cfg.n_layer, batch, getattr(cfg, "n_kv_head", cfg.n_head), cfg.n_embd // cfg.n_head,
+                   max_length, weight.dtype, weight.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: 2 (keys, values) * n_layer * batch * n_kv_head * max_length * head_dim * size."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store `k`, `v` (batch, n_kv_head, seq, head_dim) of the new tokens in `layer`'s slots and attend
+        with `q` (batch, n_head, seq, head_dim) over all filled slots: -> (batch, n_head, seq, head_dim).
+        When n_kv_head < n_head, each cached head serves its group of query heads without being copied."""
+        self.keys[layer, :, :, self.start:self.length] = k
+        self.values[layer, :, :, self.start:self.length] = v
+        keys, values = self.keys[layer, :, :, :self.length], self.values[layer, :, :, :self.length]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.is_causal,
+                                              enable_gqa=q.shape[1] != keys.shape[1])
+
+
+# ---- `generate`: the one generation loop of the book -----------------------------------------------------
+
+def check_attention_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """`attention_mask` (batch, seq) of 1/True for real tokens and 0/False for left padding, as a bool tensor
+    (None stays None). A ValueError for a wrong shape, other values, right padding or an empty row."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, got {shape}")
+    real = attention_mask.to(device=idx.device, dtype=torch.bool)
+    if not torch.equal(real.to(attention_mask.dtype), attention_mask.to(idx.device)):
+        raise ValueError("attention_mask must hold only 1 (a real token) and 0 (padding)")
+    if not real[:, -1].all():
+        raise ValueError("a row of attention_mask has no real token, or is padded on the right: pad prompts "
+                         "on the left (left_pad does), so that every row's next token follows its last one")
+    if (real[:, :-1] & ~real[:, 1:]).any():
+        raise ValueError("attention_mask has padding after a real token: pad prompts on the left only")
+    return real
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: (idx, attention_mask), both (batch, longest), each row
+    right-aligned after `pad_id`s, the mask 1 on real tokens. What `generate` takes for a batch."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt, and no empty prompt")
+    longest = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return idx, mask
+
+
+def recomputed_logits(model: nn.Module, idx: torch.Tensor, real: torch.Tensor | None,
+                      vocab_size: int | None) -> torch.Tensor:
+    """The reference: next-token logits (batch, vocab) from a forward pass over each whole sequence `idx`
+    (batch, seq), cropped to the context's last tokens. Padded rows run one at a time, without their padding."""
+    context = model.cfg.context_length
+    if real is None or bool(real.all()):
+        return model(idx[:, -context:])[:, -1, :vocab_size]
+    return torch.cat([model(row[keep][-context:][None])[:, -1, :vocab_size] for row, keep in zip(idx, real)])
+
+
+def output_weight(model: nn.Module) -> torch.Tensor | None:
+    """The (vocab, n_embd) matrix that turns a model's final hidden states into logits: its `output_weight`
+    (chapter 6's Llama has one) or its `lm_head`'s weight; None when the output layer is not a plain linear
+    layer (LoRA-wrapped, packed, quantized)."""
+    if hasattr(model, "output_weight"):
+        return model.output_weight
+    head = getattr(model, "lm_head", None)
+    return head.weight if isinstance(head, nn.Linear) else None
+
+
+def output_layer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from final hidden states (..., n_embd) to logits (..., vocab): the model's `lm_head` module
+    when it has one that is not a plain linear layer (packed, quantized, LoRA), else a product with its output
+    weight (the embedding, for a tied model)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None and not isinstance(head, nn.Linear):
+        return head
+    weight = output_weight(model)
+    return lambda hidden: hidden @ weight.t()
+
+
+def supports_cache(model: nn.Module) -> bool:
+    """Whether `model` has the cache interface: `new_cache(batch, max_length)` and `hidden_states(idx, cache,
+    real)`, as `GPTModel` and chapter 6's `LlamaModel` do."""
+    return callable(getattr(model, "new_cache", None)) and callable(getattr(model, "hidden_states", None))
+
+
+class CachedLogits:
+    """Next-token logits through a KV cache: the first call runs the prompt (prefill), each later call runs
+    only the tokens added since (decode). The output layer runs on the last position only.
+
+    The cache holds min(context_length, prompt + new tokens) positions. Past the context the window of the
+    last `context_length` tokens slides, which moves every position: the cache is then rebuilt from that
+    window for each further token, the same computation (and the same cost) as without a cache.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None):
+        self.model = model
+        self.cache = model.new_cache(batch, min(total_length, model.cfg.context_length))
+        self.output_layer, self.vocab_size, self.seen = output_layer(model), vocab_size, 0
+
+    def __call__(self, idx: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Logits (batch, vocab) after `idx` (batch, seq): the whole sequence so far, of which the cache
+        has seen the first `self.seen` tokens."""
+        new = idx.shape[1] - self.seen
+        if self.cache.length + new > self.cache.max_length:          # past the context: rebuild the window
+            self.cache.reset()
+            new = min(idx.shape[1], self.cache.max_length)
+        hidden = self.model.hidden_states(idx[:, -new:], self.cache, None if real is None else real[:, -new:])
+        self.seen = idx.shape[1]
+        return self.output_layer(hidden[:, -1])[:, :self.vocab_size]     # the last position only
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None, vocab_size: int | None = None, use_cache: bool = True,
+             attention_mask: torch.Tensor | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Extend `idx` (batch, seq) by up to `max_new_tokens` tokens -> (batch, seq + new).
+
+    - temperature 0 picks the most likely token (greedy); otherwise logits are divided by `temperature`, cut
+      to the `top_k` most likely tokens and/or the smallest set whose probability reaches `top_p`, and sampled
+      (with `generator`). `vocab_size` keeps the choice among the first ids (a model whose vocabulary was
+      padded for speed has ids that no tokenizer decodes).
+    - `use_cache`: run each new token alone through a KV cache (a model with the cache interface; other
+      models, or False, recompute the whole sequence for every token: the reference the cache is tested
+      against).
+    - `attention_mask` (batch, seq): 1 for real tokens, 0 for left padding (`left_pad` builds both), so that
+      prompts of different lengths run as one batch; each row gets the tokens it would get alone.
+    - `eos_id`: each row stops at its own end-of-sequence token and repeats it until all rows have stopped.
+    - `on_token(ids)`: called with each step's new ids (batch,) as soon as they are chosen (streaming). An
+      exception it raises (a KeyboardInterrupt, say) ends the generation and propagates.
+    - Inputs longer than the context are cropped to its last `context_length` tokens.
+    """
+    check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size)
+    real = check_attention_mask(attention_mask, idx)
+    if use_cache and supports_cache(model):
+        next_logits = CachedLogits(model, idx.shape[0], idx.shape[1] + max_new_tokens, vocab_size)
+    else:
+        def next_logits(idx, real):
+            return recomputed_logits(model, idx, real, vocab_size)
+    was_training = model.training
+    model.eval()
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    try:
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                next_id = sample_next(next_logits(idx, real), temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                    finished |= next_id == eos_id
+                idx = torch.cat([idx, next_id[:, None]], dim=1)
+                if real is not None:
+                    real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+                if on_token is not None:
+                    on_token(next_id)
+                if eos_id is not None and finished.all():
+                    break
+    finally:                                        # also when interrupted (Ctrl-C in a chat)
+        model.train(was_training)
+    return idx
 
 
 # ---- Interoperability with Hugging Face ------------------------------------------------------------------

@@ -1,37 +1,39 @@
-"""Chapter 6, fast generation: the KV cache against recomputation, batches against single prompts, packed
-weights against plain ones, and our tokens against transformers' `generate`."""
+"""Fast generation: chapter 3's KV cache against recomputation (for chapter 3's GPT-2 and chapter 6's Llamas),
+batches against single prompts, packed weights against plain ones, and our tokens against transformers'."""
 import copy
 
 import pytest
 import torch
 import transformers
 
-from ch03_gpt_model.gpt import GPTConfig, GPTModel
-from ch03_gpt_model.gpt import generate as generate_ch3
+from ch03_gpt_model.gpt import (
+    CachedLogits,
+    GPTConfig,
+    GPTModel,
+    KVCache,
+    generate,
+    left_pad,
+    output_layer,
+    supports_cache,
+)
 from ch06_llama.llama import (
     LLAMA_CONFIGS,
-    CachedLogits,
     DecodeLinear,
     HybridConfig,
     HybridModel,
-    KVCache,
     LatentAttention,
     LatentCache,
     LlamaConfig,
     LlamaModel,
     PackedLinear,
     decode_bytes_per_token,
-    generate,
     kv_cache_bytes_per_token,
     latent_cache_bytes_per_token,
-    left_pad,
-    new_cache,
     pack_for_decoding,
     quantize_for_decoding,
     quantize_int8,
     rope_cos_sin,
     rope_frequencies,
-    supports_cache,
 )
 from shared.config import ConfigError
 
@@ -96,7 +98,6 @@ def test_greedy_tokens_are_identical_for_200_tokens(name):
     cached = generate(model, idx, 200, temperature=0)
     assert cached.shape == (1, 208)
     assert torch.equal(cached, generate(model, idx, 200, temperature=0, use_cache=False))
-    assert torch.equal(cached, generate_ch3(model, idx, 200, temperature=0))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -229,7 +230,7 @@ def test_a_model_without_cache_support_falls_back_to_recomputing():
 def test_cache_bytes_follow_the_formula(name, kv_heads):
     model = MODELS[name]()
     cfg, batch, length = model.cfg, 3, 50
-    cache = new_cache(model, batch, length)
+    cache = model.new_cache(batch, length)
     assert isinstance(cache, KVCache)
     per_token = kv_cache_bytes_per_token(cfg.n_layer, kv_heads, cfg.n_embd // cfg.n_head, bytes_per_value=4)
     assert per_token == 2 * kv_heads * (cfg.n_embd // cfg.n_head) * cfg.n_layer * 4      # keys and values, fp32
@@ -238,7 +239,7 @@ def test_cache_bytes_follow_the_formula(name, kv_heads):
 
 def test_latent_cache_bytes_follow_the_formula():
     model = mla()
-    cache = new_cache(model, 3, 50)
+    cache = model.new_cache(3, 50)
     assert isinstance(cache, LatentCache)
     assert cache.nbytes == latent_cache_bytes_per_token(2, 16, 4, bytes_per_value=4) * 3 * 50 == (16 + 4) * 2 * 4 * 150
 
@@ -402,7 +403,7 @@ def test_a_quantized_model_reads_a_quarter_of_the_bytes_and_still_generates(name
 
 
 def test_int8_smollm_stays_close_to_fp32():
-    from ch06_llama.llama import load_chat_model, output_layer
+    from ch06_llama.llama import load_chat_model
 
     chat_model = load_chat_model()
     fp32 = chat_model.model
