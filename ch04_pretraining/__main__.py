@@ -34,38 +34,15 @@ from ch04_pretraining.pretraining import (
     scale_preset,
     train,
 )
+from shared.config import add_flag, flag, flag_type
 from shared.device import get_device
 
 PROG = "python -m ch04_pretraining"
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _flag_type(annotation):
-    """argparse's type for a field's annotation; None for a setting no flag can hold (a nested config)."""
-    name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    if name in ("bool", "bool | None"):
-        return bool
-    for text, kind in (("int", int), ("float", float), ("str", str)):
-        if name in (text, f"{text} | None"):
-            return kind
-    return None
-
-
-def _add_flag(parser: argparse.ArgumentParser, field, default) -> None:
-    kind = _flag_type(field.type)
-    help_text = f"{field.metadata['help']} (default: {default})"
-    if kind is bool:
-        parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-    else:
-        parser.add_argument(flag(field.name), type=kind, default=None, metavar=field.name.upper(), help=help_text)
-
-
 def model_flags(arch: str) -> list:
     """The model settings of `arch` that are flags: its config's fields, vocab_size and nested ones aside."""
-    return [f for f in model_settings(arch) if _flag_type(f.type) is not None]
+    return [f for f in model_settings(arch) if flag_type(f.type) is not None]
 
 
 def train_parser(arch: str = "gpt", scale: str = "cpu") -> argparse.ArgumentParser:
@@ -88,11 +65,11 @@ def train_parser(arch: str = "gpt", scale: str = "cpu") -> argparse.ArgumentPars
     model_defaults = dataclasses.asdict(defaults.model_config(1))
     group = parser.add_argument_group(f"the {arch} model (fields of its config)")
     for field in model_flags(arch):
-        _add_flag(group, field, model_defaults[field.name])
+        add_flag(group, field, model_defaults[field.name])
     group = parser.add_argument_group("training")
     for field in dataclasses.fields(TrainConfig):
         if field.name not in ("arch", "model"):
-            _add_flag(group, field, getattr(defaults, field.name))
+            add_flag(group, field, getattr(defaults, field.name))
     return parser
 
 

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ch04_pretraining.__main__ import _add_flag, flag, run_or_report
+from ch04_pretraining.__main__ import run_or_report
 from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
 from ch05_finetuning.finetuning import (
     RL_TASKS,
@@ -38,6 +38,7 @@ from ch05_finetuning.finetuning import (
     rl_rollouts,
     wilson_interval,
 )
+from shared.config import add_flag, flag
 from shared.files import atomic_write
 
 PROG = "python -m ch05_finetuning"
@@ -59,7 +60,7 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
                         help="start a new run in --out-dir even though it holds one, deleting that run's files")
     for field in dataclasses.fields(FinetuneConfig):
         if field.name not in NOT_FLAGS:
-            _add_flag(parser, field, getattr(defaults, field.name))
+            add_flag(parser, field, getattr(defaults, field.name))
     return parser
 
 

@@ -17,3 +17,30 @@ def test_knob_carries_help_and_resumability_and_the_error_names_the_field():
     with pytest.raises(ValueError, match="width: must be positive") as info:
         raise ConfigError("width", "must be positive")
     assert info.value.field == "width" and info.value.message == "must be positive"
+
+
+def test_add_flag_offers_a_knob_on_the_command_line():
+    import argparse
+
+    from shared.config import add_flag, flag
+
+    @dataclass
+    class Settings:
+        n_embd: int = knob(8, "how wide")
+        bias: bool = knob(True, "biases")
+        init_std: float | None = knob(None, "initial std")
+        nested: dict = knob(None, "not a flag")
+
+    parser = argparse.ArgumentParser()
+    n_embd, bias, init_std, nested = fields(Settings)
+    for setting in (n_embd, bias, init_std):
+        add_flag(parser, setting, getattr(Settings(), setting.name))
+    assert flag("n_embd") == "--n-embd"
+    assert "how wide (default: 8)" in parser.format_help()
+    args = parser.parse_args(["--n-embd", "16", "--no-bias"])
+    assert (args.n_embd, args.bias, args.init_std) == (16, False, None)       # None: not given
+    assert parser.parse_args(["--init-std", "0.5"]).init_std == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--n-embd", "wide"])
+    with pytest.raises(ValueError, match="nested: .* cannot be a flag"):
+        add_flag(parser, nested, None)
