@@ -12,13 +12,22 @@ first export cell opens with; where a notebook section (a ``## `` or ``### `` he
 of that module's cells, the module gets a banner with the section's title, so the file reads in the
 notebook's order. Modules are never edited by hand: edit the notebook, then export. A module that an
 earlier export wrote and the notebook no longer names is removed (``--check`` reports it).
+
+Modules of one chapter use each other's names without importing them in the notebook, where every cell shares
+one namespace (an import there would replace the notebook's own definitions with the module's). The exporter
+writes those imports: after a module's first cell (its docstring and imports) it adds
+``from ch05_finetuning.lora import apply_lora`` for every name the module uses and a sibling module defines.
+Two modules that would import each other are an error, since Python could not import either.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import json
 import re
+import symtable
 import sys
 from pathlib import Path
 
@@ -105,12 +114,84 @@ def exported_cells(notebook: Path, default: str = "module") -> dict[str, list[st
     return modules
 
 
+def defined_names(source: str) -> set[str]:
+    """The names a module's own code binds at its top level (functions, classes, assignments; not imports)."""
+    table = symtable.symtable(source, "<module>", "exec")
+    return {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() and not sym.is_imported()}
+
+
+def free_names(source: str) -> set[str]:
+    """The global names a module's code reads, at any depth, that it neither binds nor imports, builtins aside."""
+    table = symtable.symtable(source, "<module>", "exec")
+    bound = {sym.get_name() for sym in table.get_symbols() if sym.is_assigned() or sym.is_imported()}
+    used, scopes = set(), [table]
+    while scopes:
+        scope = scopes.pop()
+        used |= {sym.get_name() for sym in scope.get_symbols() if sym.is_referenced() and sym.is_global()}
+        scopes += scope.get_children()
+    return used - bound - set(dir(builtins))
+
+
+def import_lines(package: str, module: str, names: list[str]) -> str:
+    """`from package.module import names`, wrapped one name a line when it would pass 120 characters."""
+    line = f"from {package}.{module} import {', '.join(names)}"
+    if len(line) <= 120:
+        return line
+    return f"from {package}.{module} import (\n" + "".join(f"    {name},\n" for name in names) + ")"
+
+
+def sibling_imports(package: str, sources: dict[str, str], notebook: Path) -> dict[str, list[str]]:
+    """For each module (name -> its code), the import lines of the names it takes from its siblings. An
+    ExportError for a name two siblings define, or for modules that would import each other."""
+    defined = {name: defined_names(source) for name, source in sources.items()}
+    wanted: dict[str, dict[str, list[str]]] = {}
+    for name, source in sources.items():
+        for used in sorted(free_names(source)):
+            owners = [other for other in sources if other != name and used in defined[other]]
+            if len(owners) > 1:
+                raise ExportError(f"{notebook}: {name}.py uses {used!r}, which {' and '.join(owners)} both define")
+            if owners:
+                wanted.setdefault(name, {}).setdefault(owners[0], []).append(used)
+    for name in wanted:                      # follow the imports from each module: may they lead back to it?
+        reached, frontier = set(), list(wanted[name])
+        while frontier:
+            other = frontier.pop()
+            if other == name:
+                raise ExportError(f"{notebook}: {name}.py takes names from {', '.join(sorted(reached))}, which "
+                                  f"take names from {name}.py in turn; Python cannot import modules in a cycle")
+            if other not in reached:
+                reached.add(other)
+                frontier += list(wanted.get(other, {}))
+    return {name: [import_lines(package, other, names) for other, names in wanted.get(name, {}).items()]
+            for name in sources}
+
+
 def render_modules(notebook: Path, default: str, root: Path = ROOT) -> dict[Path, str]:
     """{module path: text} for every module `notebook` exports to (none if it has no export cells)."""
     header = GENERATED.format(notebook=notebook.relative_to(root).as_posix()) + \
         "# Do not edit: change the notebook's `#| export` cells and export again.\n"
-    return {notebook.parent / f"{name}.py": header + "\n" + "\n\n\n".join(cells) + "\n"
-            for name, cells in exported_cells(notebook, default).items()}
+    modules = exported_cells(notebook, default)
+    imports = sibling_imports(notebook.parent.name, {name: "\n\n".join(cells) for name, cells in modules.items()},
+                              notebook)
+    texts = {}
+    for name, cells in modules.items():
+        first = with_imports(cells[0], imports[name])
+        texts[notebook.parent / f"{name}.py"] = header + "\n" + "\n\n\n".join([first, *cells[1:]]) + "\n"
+    return texts
+
+
+def with_imports(cell: str, lines: list[str]) -> str:
+    """`cell` with the import `lines` put after its opening docstring and imports (at its top if it has none)."""
+    if not lines:
+        return cell
+    end = 0                                        # the line the opening docstring and imports end on
+    for statement in ast.parse(cell).body:
+        is_docstring = end == 0 and isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+        if not (is_docstring or isinstance(statement, (ast.Import, ast.ImportFrom))):
+            break
+        end = statement.end_lineno
+    head, tail = cell.splitlines()[:end], cell.splitlines()[end:]
+    return "\n".join(head + lines + tail)
 
 
 def generated_modules(notebook: Path, root: Path = ROOT) -> list[Path]:

@@ -147,3 +147,41 @@ def test_ordinary_comments_about_exporting_are_not_marks(tmp_path):
     nb = tmp_path / "ch05_finetuning" / "ch05_finetuning.ipynb"
     make_notebook(nb, ["#| export\nA = 1", "# Export the weights for transformers\nB = 2"])
     assert export.exported_cells(nb, "finetuning") == {"finetuning": ["A = 1"]}
+
+
+def test_a_module_imports_what_it_uses_from_its_siblings(tmp_path):
+    nb = tmp_path / "ch05_finetuning" / "ch05_finetuning.ipynb"
+    make_notebook(nb, ['#| export\n"""Core."""\nimport math\nLIMIT = 3', '#| export lora\n"""LoRA."""\nimport torch',
+                       "#| export lora\ndef rank(x: int) -> int:\n    return min(x, LIMIT) + math_free()",
+                       "#| export\ndef math_free():\n    return math.pi",
+                       "#| export rl\n\"\"\"RL.\"\"\"\n\n\nclass Policy:\n    size = LIMIT\n\n"
+                       "    def act(self):\n        return [rank(i) for i in range(self.size)]"])
+    export.export_all(tmp_path)
+    folder = tmp_path / "ch05_finetuning"
+    main, lora, rl = ((folder / f"{name}.py").read_text() for name in ("finetuning", "lora", "rl"))
+    assert "from ch05_finetuning." not in main                     # the core takes nothing from the others
+    assert 'import torch\nfrom ch05_finetuning.finetuning import LIMIT, math_free\n' in lora
+    assert "from ch05_finetuning.finetuning import LIMIT\nfrom ch05_finetuning.lora import rank\n" in rl
+    assert rl.index('"""RL."""') < rl.index("from ch05_finetuning.") < rl.index("class Policy")  # imported first
+
+
+def test_modules_that_would_import_each_other_are_an_error(tmp_path):
+    nb = tmp_path / "ch05_finetuning" / "ch05_finetuning.ipynb"
+    make_notebook(nb, ["#| export\ndef core():\n    return helper()", "#| export rl\ndef helper():\n    return 1",
+                       "#| export rl\ndef more():\n    return core()"])
+    with pytest.raises(export.ExportError, match="cycle"):
+        export.export_all(tmp_path)
+
+
+def test_a_name_two_siblings_define_is_an_error(tmp_path):
+    nb = tmp_path / "ch05_finetuning" / "ch05_finetuning.ipynb"
+    make_notebook(nb, ["#| export\nA = 1", "#| export lora\nA = 2", "#| export rl\nB = A"])
+    with pytest.raises(export.ExportError, match="'A', which finetuning and lora both define"):
+        export.export_all(tmp_path)
+
+
+def test_long_sibling_imports_wrap_one_name_a_line():
+    names = [f"a_rather_long_function_name_{i}" for i in range(6)]
+    text = export.import_lines("ch05_finetuning", "finetuning", names)
+    assert text.startswith("from ch05_finetuning.finetuning import (\n    a_rather_long_function_name_0,\n")
+    assert all(len(line) <= 120 for line in text.splitlines()) and text.endswith(",\n)")
