@@ -160,7 +160,8 @@ def test_a_module_imports_what_it_uses_from_its_siblings(tmp_path):
     folder = tmp_path / "ch05_finetuning"
     main, lora, rl = ((folder / f"{name}.py").read_text() for name in ("finetuning", "lora", "rl"))
     assert "from ch05_finetuning." not in main                     # the core takes nothing from the others
-    assert 'import torch\nfrom ch05_finetuning.finetuning import LIMIT, math_free\n' in lora
+    note = export.SIBLING_IMPORTS_NOTE
+    assert f"import torch\n{note}\nfrom ch05_finetuning.finetuning import LIMIT, math_free\n" in lora
     assert "from ch05_finetuning.finetuning import LIMIT\nfrom ch05_finetuning.lora import rank\n" in rl
     assert rl.index('"""RL."""') < rl.index("from ch05_finetuning.") < rl.index("class Policy")  # imported first
 
