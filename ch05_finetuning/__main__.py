@@ -9,8 +9,9 @@
     python -m ch05_finetuning arithmetic-text FILE      (the sums a grpo base is first trained on, by chapter 4)
 
 A run starts from the task's preset at a scale (`--scale`, default gpu: OpenAI's GPT-2, which needs the
-internet once), takes any FinetuneConfig field as a flag, and is chapter 4's run: the same folder, checkpoints,
-metrics.jsonl, `--resume` and Ctrl-C (a checkpoint is saved, and the run can be resumed).
+internet once), takes the settings of its task's config (FinetuneConfig's, and the task's own) as flags, and
+is chapter 4's run: the same folder, checkpoints, metrics.jsonl, `--resume` and Ctrl-C (a checkpoint is
+saved, and the run can be resumed).
 """
 
 import argparse
@@ -21,23 +22,8 @@ from pathlib import Path
 
 from ch04_pretraining.__main__ import run_or_report
 from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
-from ch05_finetuning.finetuning import (
-    RL_TASKS,
-    TASKS,
-    FinetuneConfig,
-    accuracy,
-    answer_records,
-    arithmetic_splits,
-    arithmetic_text,
-    finetune,
-    finetune_preset,
-    preference_accuracy,
-    preference_example,
-    read_task_data,
-    rl_examples,
-    rl_rollouts,
-    wilson_interval,
-)
+from ch05_finetuning.finetuning import FinetuneConfig, finetune, finetune_preset
+from ch05_finetuning.rl import arithmetic_splits, arithmetic_text
 from shared.config import add_flag, flag
 from shared.files import atomic_write
 
@@ -47,8 +33,8 @@ NOT_FLAGS = ("arch", "model", "tokenizer", "vocab_multiple", "task", "sample_tok
 
 
 def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
-    """The parser of one task: --scale, --resume, --overwrite and FinetuneConfig's fields, with the preset's
-    values as defaults."""
+    """The parser of one task: --scale, --resume, --overwrite and the fields of the task's config class, with the
+    preset's values as defaults."""
     defaults = finetune_preset(task, scale)
     parser = argparse.ArgumentParser(prog=f"{PROG} {task}", description=__doc__.split("\n")[0] +
                                      f" Defaults shown are the {scale} preset's.")
@@ -58,7 +44,7 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
                         help="continue the run in --out-dir from its newest checkpoint, with its own settings")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --out-dir even though it holds one, deleting that run's files")
-    for field in dataclasses.fields(FinetuneConfig):
+    for field in dataclasses.fields(defaults):
         if field.name not in NOT_FLAGS:
             add_flag(parser, field, getattr(defaults, field.name))
     return parser
@@ -66,11 +52,12 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
-    if not argv or argv[0] not in TASKS:
+    if not argv or argv[0] not in FinetuneConfig.TASKS:
         top = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-        top.add_argument("task", choices=TASKS, help="classify (SMS spam), instruct (Alpaca instructions), reward "
-                                                     "(a reward model on preference pairs), dpo (direct preference "
-                                                     "optimisation), grpo or ppo (reinforcement learning)")
+        top.add_argument("task", choices=list(FinetuneConfig.TASKS),
+                         help="classify (SMS spam), instruct (Alpaca instructions), reward (a reward model on "
+                              "preference pairs), dpo (direct preference optimisation), grpo or ppo (reinforcement "
+                              "learning)")
         top.parse_args(argv[:1])                            # prints the usage and exits
     task, argv = argv[0], argv[1:]
     first = argparse.ArgumentParser(add_help=False)
@@ -89,7 +76,7 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
         base = FinetuneConfig.from_dict(json.loads(saved.read_text()))
         if base.task != task:
             parser.error(f"the run in {saved.parent} is a {base.task} run, not {task}")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base)
              if f.name not in NOT_FLAGS and getattr(args, f.name) is not None}
     try:
         cfg = dataclasses.replace(base, **given)
@@ -127,38 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
-    """After a finished run: the test accuracy with its 95% interval (classify, reward: of the preference
-    pairs; grpo, ppo on arithmetic: exact-match of the greedy answers), or the answers to the test instructions,
-    saved as OUT_DIR/test-responses.json with their ROUGE-L (instruct, dpo; grpo, ppo with a reward model,
-    after the answers' mean reward)."""
-    model, tokenizer = result["model"].eval(), result["tokenizer"]
-    test = read_task_data(cfg)["test"]
-    if cfg.task in ("classify", "reward"):
-        if cfg.task == "classify":
-            score = accuracy(model, tokenizer, test)[0]
-        else:
-            score = preference_accuracy(model, [preference_example(tokenizer, r) for r in test], cfg.context_length)
-        low, high = wilson_interval(round(score * len(test)), len(test))
-        what = "accuracy" if cfg.task == "classify" else "preference accuracy (chosen rewarded above rejected)"
-        print(f"test {what} {score:.1%} on {len(test)} examples (95% interval {low:.1%} to {high:.1%})")
-        return
-    if cfg.task in RL_TASKS:
-        rollouts = rl_rollouts(cfg, tokenizer, read_task_data(cfg), None)
-        rollouts.policy = model
-        rewards = rollouts.greedy_rewards(rl_examples(cfg, tokenizer, test), next(model.parameters()).device)
-        if cfg.data == "arithmetic":
-            right = int(rewards.sum().item())
-            low, high = wilson_interval(right, len(test))
-            print(f"test exact-match accuracy {right / len(test):.1%} on {len(test)} problems (95% interval "
-                  f"{low:.1%} to {high:.1%})")
-            return
-        print(f"mean reward of the greedy answers to {len(test)} test prompts: {rewards.mean().item():.3f}")
-    answers = answer_records(model, tokenizer, test)
-    path = Path(cfg.out_dir) / "test-responses.json"
-    text = json.dumps(answers, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    mean = sum(a["rouge_l"] for a in answers) / len(answers)
-    print(f"{len(answers)} test answers in {path}; mean ROUGE-L {mean:.3f}")
+    """After a finished run, what its model does on the task's test examples (the task's `test_report`): the
+    accuracy with its 95% interval (classify; reward: of the preference pairs; grpo, ppo on arithmetic: exact
+    match of the greedy answers), or the answers to the test instructions, saved as OUT_DIR/test-responses.json
+    with their ROUGE-L (instruct, dpo; grpo, ppo with a reward model, after the answers' mean reward)."""
+    print(cfg.test_report(result["model"].eval(), result["tokenizer"], cfg.read_data()["test"]))
 
 
 if __name__ == "__main__":

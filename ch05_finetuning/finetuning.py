@@ -2,42 +2,39 @@
 # Do not edit: change the notebook's `#| export` cells and export again.
 
 """Chapter 5: finetuning. A pretrained model taught a task (a spam classifier, an instruction follower, LoRA),
-then preferences (a reward model, DPO) and rewards (GRPO and PPO).
+then preferences (a reward model, DPO) and rewards (GRPO and PPO). The chapter's modules, one idea each:
 
-- Base models: `load_base` (OpenAI's GPT-2, a chapter-4 run, or a Hugging Face GPT-2 folder).
-- Classification: `read_sms_spam`, `balanced_split`, `pad_batch`, `last_token_index`, `SequenceClassifier`,
-  `train_last_blocks`, `classify`, `accuracy`, `confusion_matrix`, `wilson_interval`, `BagOfWords`.
-- Instructions: `split_records`, `alpaca_prompt`, `tokenize_instruction`, `instruction_batch`,
-  `bucketed_order`, `respond`, `rouge_l`, `judge_scores`.
-- LoRA: `LoRALinear`, `apply_lora`, `merge_lora`, `save_peft_adapter`, `load_peft_adapter`.
-- Training with chapter 4's loop: `FinetuneConfig`, `ExampleBatches`, `finetune`, `load_finetuned`,
-  `training_memory_bytes`.
-- Preferences: `preference_example`, `preference_batch`, `token_logprobs`, `scored_logits`,
-  `sequence_logprobs`, `summed_logprobs`, `kl_divergence`, `bradley_terry_loss`, `dpo_loss`, `RewardModel`,
-  `reward_batch`, `preference_accuracy`, `reward_model_reward`, `DPOPolicy`, `DPOPairs`, `win_rate`.
-- Reinforcement learning: `group_advantages`, `kl_estimate`, `clipped_policy_loss`, `gae_advantages`, `whiten`,
-  `PolicyGradient`, `Rollouts`; arithmetic with a checkable answer: `arithmetic_splits`, `arithmetic_text`,
-  `pass_at_k`, `exact_answer_reward`.
+- `finetuning` (this one): what every task shares. Base models (`load_base`: OpenAI's GPT-2, a chapter-4 run,
+  a Hugging Face GPT-2 folder, an instruct run); `FinetuneConfig`, the settings every task has, which each task
+  extends with its own (`FinetuneConfig.TASKS`); `ExampleBatches`, a task's examples as chapter 4's training
+  loop sees them; `finetune`, `load_finetuned`, `finetune_preset`, `training_memory_bytes`.
+- `classification`: SMS spam, `SequenceClassifier` (read at the last real token), `classify`, `accuracy`,
+  `wilson_interval`, `BagOfWords`; `ClassifyConfig`.
+- `lora`: `LoRALinear`, `apply_lora`, `merge_lora`, `save_peft_adapter`, `load_peft_adapter`.
+- `instructions`: `split_records`, `alpaca_prompt`, `tokenize_instruction`, `instruction_batch`, `respond`,
+  `answer_records`, `rouge_l`, `judge_scores`; `InstructConfig`.
+- `preferences`: log-probabilities of responses, `bradley_terry_loss`, `dpo_loss`, `RewardModel`, `DPOPolicy`,
+  `DPOPairs`, `win_rate`; `RewardConfig`, `DPOConfig`.
+- `rl`: `group_advantages`, `kl_estimate`, `clipped_policy_loss`, `gae_advantages`, `PolicyGradient`,
+  `Rollouts`; arithmetic with a checkable answer; `RLConfig` (grpo and ppo).
+
+Importing any of them registers every task (the package's `__init__` imports the task modules).
 """
 import copy
 import json
 import math
 import random
-import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch01_tokenization.tokenization import TiktokenTokenizer, Tokenizer
-from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, generate, saved_activation_bytes
+from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, saved_activation_bytes
 from ch04_pretraining.pretraining import (
     CHECKPOINT_POINTER,
     CONFIG_FILE,
@@ -52,8 +49,9 @@ from ch04_pretraining.pretraining import (
 )
 from shared.config import knob
 from shared.data import REGISTRY, fetch
-from shared.device import Precision, autocast, choose_precision
-from shared.files import atomic_write
+from shared.device import Precision, autocast
+# from this chapter's other modules (the exporter writes these imports):
+from ch05_finetuning.lora import apply_lora, merge_lora
 
 
 # ---- A model to start from -------------------------------------------------------------------------------
@@ -100,13 +98,9 @@ def load_base(base: str) -> Base:
 
 def finetuned_base(path: Path) -> Base:
     """An instruct, dpo, grpo or ppo run's language model as a base: its newest checkpoint, LoRA adapters
-    merged, every weight trainable."""
+    merged, every weight trainable. A run of another task is refused by its config's `language_model`."""
     model, tokenizer, cfg = load_finetuned(path)
-    if cfg.task not in ("instruct", "dpo", *RL_TASKS):
-        raise ConfigError("base", f"{path} holds a {cfg.task} run; a base must be a language model: OpenAI's GPT-2, "
-                                  f"a chapter 4 run, or an instruct, dpo, grpo or ppo run")
-    model = merge_lora(model) if cfg.task == "instruct" else merge_lora(model).policy
-    model = model.requires_grad_(True).train()
+    model = cfg.language_model(merge_lora(model)).requires_grad_(True).train()
     return Base(model, tokenizer, cfg.arch, cfg.vocab_multiple, str(path), f"instruct run {path}")
 
 
@@ -115,399 +109,28 @@ def model_settings_of(model: nn.Module) -> dict:
     return {name: value for name, value in asdict(model.cfg).items() if name != "vocab_size"}
 
 
-def blocks_and_final_norm(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    """The transformer blocks of chapter 3's GPT or chapter 6's Llama, and the norm after the last one."""
-    if hasattr(model, "transformer"):
-        return model.transformer.h, model.transformer.ln_f
-    return model.model.layers, model.model.norm
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameters of `model`, each tensor once (a tied weight counts once); optionally only the trainable."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# ---- Spam or ham -----------------------------------------------------------------------------------------
-
-SPAM_LABELS = ("ham", "spam")
-
-
-def read_sms_spam(path: str | Path) -> list[tuple[str, int]]:
-    """(text, label) pairs of the SMS Spam Collection, one `label<TAB>text` line each; label 1 is spam."""
-    examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        label, sep, text = line.partition("\t")
-        if not sep or label not in SPAM_LABELS:
-            raise ValueError(f"{path}, line {number}: expected 'ham' or 'spam', a tab and the message, "
-                             f"got {line[:60]!r}")
-        examples.append((text, SPAM_LABELS.index(label)))
-    return examples
-
-
-def balanced_split(examples: Sequence[tuple[str, int]], seed: int = 123,
-                   fractions: tuple[float, float] = (0.7, 0.1)) -> dict[str, list[tuple[str, int]]]:
-    """Keep as many of each label as the rarest label has (a random choice, seeded), shuffle, and cut into
-    train / val / test by `fractions` (the test split gets the rest): {"train": [...], "val": [...], "test": [...]}."""
-    rng = random.Random(seed)
-    by_label: dict[int, list] = {}
-    for example in examples:
-        by_label.setdefault(example[1], []).append(example)
-    smallest = min(len(group) for group in by_label.values())
-    kept = [example for label in sorted(by_label) for example in rng.sample(by_label[label], smallest)]
-    rng.shuffle(kept)
-    n_train, n_val = int(fractions[0] * len(kept)), int(fractions[1] * len(kept))
-    return {"train": kept[:n_train], "val": kept[n_train:n_train + n_val], "test": kept[n_train + n_val:]}
-
-
-# ---- Reading the answer from the last real token ---------------------------------------------------------
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """(batch, longest) ids, each sequence followed by `pad_id` up to the longest one (right padding)."""
-    longest = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [pad_id] * (longest - len(s)) for s in sequences], dtype=torch.long)
-
-
-def last_token_index(idx: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """(batch,) position of each row's last token that is not `pad_id` (0 for a row of padding only): where
-    a right-padded sequence ends. Hugging Face's GPT2ForSequenceClassification reads the same position."""
-    positions = torch.arange(idx.shape[1], device=idx.device)
-    return ((idx != pad_id) * positions).argmax(dim=1)
-
-
-class SequenceClassifier(nn.Module):
-    """A language model whose output layer is replaced by a `num_classes`-way linear head, read at each
-    sequence's last real token: (batch, seq) ids -> (batch, num_classes) logits.
-
-    In a causal model only the last token has attended to the whole message, so its hidden state is the one
-    that can summarise it. Right padding leaves that state unchanged (padding comes after it and no token
-    attends forward), so a prediction does not depend on how much padding the batch needed. The last
-    *padded* position, by contrast, would read a different vector for every padding length. The head is
-    named `score` and has no bias, as in Hugging Face's GPT2ForSequenceClassification.
-    """
-
-    def __init__(self, base: nn.Module, num_classes: int, pad_id: int):
-        super().__init__()
-        if hasattr(base, "lm_head"):
-            base.lm_head = None                       # the vocabulary head is not used; a tied one is wte
-        self.base, self.pad_id, self.cfg = base, pad_id, base.cfg
-        self.score = nn.Linear(base.cfg.n_embd, num_classes, bias=False)
-        nn.init.normal_(self.score.weight, std=0.02)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (batch, num_classes); given `targets` (batch,) class ids, their mean cross-entropy."""
-        hidden = self.base.hidden_states(idx)                                   # (batch, seq, n_embd)
-        last = hidden[torch.arange(idx.shape[0], device=idx.device), last_token_index(idx, self.pad_id)]
-        logits = self.score(last)                                              # (batch, num_classes)
-        return logits if targets is None else F.cross_entropy(logits.float(), targets)
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-
-def train_last_blocks(model: nn.Module, blocks: int) -> nn.Module:
-    """Freeze a SequenceClassifier but for its head, the final norm and its top `blocks` transformer blocks
-    (-1: everything trains; 0: the head alone). Returns the model."""
-    layers, final_norm = blocks_and_final_norm(model.base)
-    if not -1 <= blocks <= len(layers):
-        raise ConfigError("train_blocks", f"must be -1 (all) or 0..{len(layers)}, got {blocks}")
-    model.requires_grad_(blocks == -1)
-    trained = [model.score] + ([final_norm, *layers[len(layers) - blocks:]] if blocks > 0 else [])
-    for module in trained:
-        module.requires_grad_(True)
-    return model
-
-
-def encode_for_classification(tokenizer: Tokenizer, text: str, context_length: int) -> list[int]:
-    """The ids of `text`, cut to the model's first `context_length` tokens (a longer text is cropped, never
-    refused: a classifier reads its beginning). An empty text is read as one end-of-text token."""
-    ids = tokenizer.encode(text)[:context_length]
-    return ids or [tokenizer.eot_token if tokenizer.eot_token is not None else 0]
-
-
-@torch.no_grad()
-def predict(model: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32,
-            precision: Precision | None = None) -> torch.Tensor:
-    """(len(texts), num_classes) class probabilities, in batches padded with the model's pad id."""
-    device = next(model.parameters()).device
-    precision = precision or Precision(dtype=None, use_grad_scaler=False)
-    was_training = model.training
-    model.eval()
-    probabilities = []
-    for start in range(0, len(texts), batch_size):
-        ids = [encode_for_classification(tokenizer, text, model.cfg.context_length)
-               for text in texts[start:start + batch_size]]
-        with autocast(device, precision):
-            logits = model(pad_batch(ids, model.pad_id).to(device))
-        probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
-    model.train(was_training)
-    return torch.cat(probabilities)
-
-
-def classify(model: SequenceClassifier, tokenizer: Tokenizer, text: str,
-             labels: Sequence[str] = SPAM_LABELS) -> str:
-    """The label the classifier gives a free text, e.g. "spam" or "ham"."""
-    return labels[int(predict(model, tokenizer, [text])[0].argmax())]
-
-
-def accuracy(model: SequenceClassifier, tokenizer: Tokenizer, examples: Sequence[tuple[str, int]],
-             batch_size: int = 32, precision: Precision | None = None) -> tuple[float, torch.Tensor]:
-    """(fraction classified right, the predicted labels) over (text, label) examples."""
-    predicted = predict(model, tokenizer, [text for text, _ in examples], batch_size, precision).argmax(dim=1)
-    labels = torch.tensor([label for _, label in examples])
-    return (predicted == labels).float().mean().item(), predicted
-
-
-def confusion_matrix(labels: Sequence[int], predicted: Sequence[int], num_classes: int = 2) -> torch.Tensor:
-    """(num_classes, num_classes) counts: row = true label, column = predicted label."""
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for truth, guess in zip(labels, predicted, strict=True):
-        counts[int(truth), int(guess)] += 1
-    return counts
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% for z = 1.96) for an accuracy of `correct` out of `total`. Unlike
-    accuracy ± 1.96·sqrt(p(1-p)/n), it stays inside [0, 1] and is not zero-width at 100%."""
-    if total <= 0 or not 0 <= correct <= total:
-        raise ValueError(f"need 0 <= correct <= total and total > 0, got {correct} of {total}")
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
-
-
-class BagOfWords(nn.Module):
-    """Logistic regression on which words a text contains: the baseline a finetuned transformer must beat.
-
-    Words are runs of letters, digits and a few symbols spam likes (£, $, %, !), lower-cased; the vocabulary
-    is the training texts' words seen at least `min_count` times. (batch, vocab) 0/1 features -> (batch,
-    classes) logits."""
-
-    WORD = re.compile(r"[a-z0-9£$%!']+")
-
-    def __init__(self, texts: Sequence[str], num_classes: int = 2, min_count: int = 2):
-        super().__init__()
-        counts: dict[str, int] = {}
-        for text in texts:
-            for word in set(self.words(text)):
-                counts[word] = counts.get(word, 0) + 1
-        self.vocab = {word: i for i, word in enumerate(sorted(w for w, c in counts.items() if c >= min_count))}
-        self.linear = nn.Linear(len(self.vocab), num_classes)
-
-    def words(self, text: str) -> list[str]:
-        return self.WORD.findall(text.lower())
-
-    def features(self, texts: Sequence[str]) -> torch.Tensor:
-        rows = torch.zeros(len(texts), len(self.vocab))
-        for row, text in enumerate(texts):
-            for word in self.words(text):
-                if word in self.vocab:
-                    rows[row, self.vocab[word]] = 1.0
-        return rows
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
-
-    def fit(self, texts: Sequence[str], labels: Sequence[int], steps: int = 300, lr: float = 0.05,
-            weight_decay: float = 1e-3) -> "BagOfWords":
-        """Full-batch AdamW on the cross-entropy; returns self."""
-        x, y = self.features(texts), torch.tensor(list(labels))
-        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
-            loss = F.cross_entropy(self(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return self
-
-    @torch.no_grad()
-    def accuracy(self, examples: Sequence[tuple[str, int]]) -> float:
-        predicted = self(self.features([text for text, _ in examples])).argmax(dim=1)
-        return (predicted == torch.tensor([label for _, label in examples])).float().mean().item()
-
-
-# ---- LoRA from scratch -----------------------------------------------------------------------------------
-
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update (Hu et al., 2021, "LoRA"):
-
-        y = x W^T + b + (alpha / rank) · x A^T B^T,    A: (rank, in), B: (out, rank)
-
-    B starts at zero, so the wrapped layer starts equal to the original; A starts random (Kaiming-uniform, as
-    in `peft`). Scaling by alpha / rank, not alpha alone, keeps the update's size about the same when the rank
-    changes, so a learning rate found at one rank still works at another. The names — `base_layer`,
-    `lora_A.weight`, `lora_B.weight` — are `peft`'s, so adapters move between the two.
-    """
-
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
-        self.base_layer = base_layer.requires_grad_(False)
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(base_layer.weight.device)
-        self.lora_B.to(base_layer.weight.device)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-
-    def merged(self) -> nn.Linear:
-        """The plain `nn.Linear` this layer computes: W + (alpha / rank) · B A, the bias unchanged."""
-        linear = nn.Linear(self.base_layer.in_features, self.base_layer.out_features,
-                           bias=self.base_layer.bias is not None, device=self.base_layer.weight.device,
-                           dtype=self.base_layer.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.base_layer.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight))
-            if self.base_layer.bias is not None:
-                linear.bias.copy_(self.base_layer.bias)
-        return linear
-
-
-def lora_targets(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
-    """Names of the linear layers inside the transformer blocks that `targets` names, by `peft`'s rule: a
-    layer is chosen if its name is a target or ends with "." + a target, so ("c_attn", "c_proj", "c_fc")
-    picks all of GPT-2's and ("q_proj", "v_proj") a Llama's queries and values. None: every linear layer."""
-    layers, _ = blocks_and_final_norm(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    names, wrapped = [], []
-    for name, module in layers.named_modules():          # parents come before their children
-        if any(name.startswith(outer + ".") for outer in wrapped):
-            continue                                       # the linear layers inside a LoRALinear
-        if isinstance(module, LoRALinear):
-            wrapped.append(name)
-        if isinstance(module, (nn.Linear, LoRALinear)):
-            names.append(f"{prefix}.{name}")
-    if targets is None:
-        return names
-    chosen = [name for name in names if any(name == t or name.endswith("." + t) for t in targets)]
-    if not chosen:
-        known = sorted({name.rsplit(".", 1)[-1] for name in names})
-        raise ValueError(f"no linear layer is called {sorted(targets)}; the blocks' layers are {known}")
-    return chosen
-
-
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] | None = None,
-               dropout: float = 0.0) -> nn.Module:
-    """Freeze every weight of `model` (a GPTModel, LlamaModel or the `base` inside a SequenceClassifier's) and
-    wrap the chosen linear layers of its blocks (`lora_targets`) in LoRALinear. In place; returns the model.
-    A SequenceClassifier's new head stays trainable: it has nothing pretrained to keep."""
-    body = model.base if isinstance(model, SequenceClassifier) else model
-    model.requires_grad_(False)
-    for name in lora_targets(body, targets):
-        parent_name, _, child = name.rpartition(".")
-        layer = body.get_submodule(name)
-        if isinstance(layer, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA adapter; merge_lora first to add another")
-        setattr(body.get_submodule(parent_name), child, LoRALinear(layer, rank, alpha, dropout))
-    if isinstance(model, SequenceClassifier):
-        model.score.requires_grad_(True)
-    return model
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by the plain linear layer it computes (inference then costs nothing extra).
-    In place; returns the model."""
-    for name, layer in lora_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.merged())
-    return model
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRALinear layers by name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
-
-
-PEFT_PREFIX = "base_model.model."           # where `peft` keeps the wrapped model in its names
-
-
-def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the LoRA weights of a GPTModel or LlamaModel as a `peft` adapter, adapter_config.json and
-    adapter_model.safetensors, which `peft.PeftModel.from_pretrained(<the transformers model>, directory)`
-    loads. Our module names are Hugging Face's, so only `peft`'s prefix is added. GPT-2's Conv1D layers store
-    their weights as (in, out), which `peft` is told with `fan_in_fan_out`; the LoRA matrices keep their shapes."""
-    if isinstance(model, SequenceClassifier):
-        raise ValueError("save_peft_adapter writes a language model's adapter; a classifier's head has no "
-                         "counterpart in a transformers causal LM")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers: apply_lora first")
-    settings = {(layer.rank, layer.alpha, layer.dropout.p) for layer in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"a peft adapter has one rank, alpha and dropout; the model's layers have {sorted(settings)}")
-    rank, alpha, dropout = settings.pop()
-    short = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    # the short names if they pick exactly these layers, else the full names
-    targets = short if set(lora_targets(model, short)) == set(layers) else sorted(layers)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": dropout, "target_modules": targets, "bias": "none",
-              "fan_in_fan_out": isinstance(model, GPTModel), "base_model_name_or_path": base_model_name_or_path,
-              "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-              "modules_to_save": None}
-    tensors = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(layer, part).weight.detach().cpu().contiguous()
-               for name, layer in layers.items() for part in ("lora_A", "lora_B")}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    text = json.dumps(config, indent=2)
-    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return directory
-
-
-def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Wrap `model`'s layers as a `peft` LoRA adapter in `directory` says and load its weights (written by
-    `save_peft_adapter` or by `peft` itself). Settings this LoRALinear does not compute are refused."""
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(directory / "adapter_model.safetensors")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{directory} does not hold a readable peft adapter "
-                         f"(adapter_config.json and adapter_model.safetensors): {err}") from err
-    unsupported = {"peft_type": config.get("peft_type") != "LORA", "bias": config.get("bias", "none") != "none",
-                   "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
-                   "modules_to_save": bool(config.get("modules_to_save")),
-                   "target_modules": not isinstance(config.get("target_modules"), list)}
-    refused = [name for name, bad in unsupported.items() if bad]
-    if refused:
-        raise ValueError(f"{directory}: this adapter's {refused[0]} ({config.get(refused[0])!r}) is not supported; "
-                         f"only plain LoRA (no bias, no rsLoRA or DoRA, a list of target modules) is")
-    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
-               float(config.get("lora_dropout") or 0.0))
-    weights = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): tensor for name, tensor in tensors.items()}
-    expected = {f"{name}.{part}.weight" for name in lora_layers(model) for part in ("lora_A", "lora_B")}
-    if set(weights) != expected:
-        raise ValueError(f"{directory}: the adapter's tensors do not fit the model: missing "
-                         f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}")
-    model.load_state_dict(weights, strict=False)
-    return model
-
-
 # ---- Finetuning with chapter 4's training loop -----------------------------------------------------------
-
-TASKS = ("classify", "instruct", "reward", "dpo", "grpo", "ppo")
-RL_TASKS = ("grpo", "ppo")
-TASK_DATA = {"classify": "sms-spam", "instruct": "instruction-data", "reward": "instruction-preference",
-             "dpo": "instruction-preference", "grpo": "arithmetic", "ppo": "arithmetic"}
-
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """A finetuning run: chapter 4's TrainConfig (optimiser, schedule, evaluation, checkpoints, device) plus
-    what finetuning adds. `arch`, `model` and `tokenizer` are filled in from the base model when the run starts;
-    `epochs`, when set, decides `max_steps`."""
+    """A finetuning run: chapter 4's TrainConfig (optimiser, schedule, evaluation, checkpoints, device) plus what
+    every task shares: the base model, LoRA, length buckets and epochs. `arch`, `model` and `tokenizer` are filled
+    in from the base model when the run starts; `epochs`, when set, decides `max_steps`.
 
-    data: str = knob("sms-spam", "sms-spam, instruction-data or instruction-preference (registered), arithmetic "
-                                 "(generated sums), or a file of the same format: label<TAB>text lines, or a JSON "
-                                 "list of instruction/input/output (and chosen/rejected) records")
+    Each task is a subclass with the settings of its own and the four things `finetune` asks of a task:
+    `read_data` (train / val / test examples), `wrap` (the base made into the model to train), `batches` (the
+    examples as chapter 4's loop takes them) and `test_report`. A subclass declared with `tasks=("name", ...)`
+    registers itself in `FinetuneConfig.TASKS`, which the command line and `from_dict` look a task up in:
+    `ClassifyConfig`, `InstructConfig`, `RewardConfig`, `DPOConfig` and `RLConfig` (grpo and ppo)."""
+
+    TASKS: ClassVar[dict[str, type["FinetuneConfig"]]] = {}
+
+    data: str = knob("sms-spam", "a registered data set, or a file in its format (see the task's own help)")
     tokenizer: str = knob("gpt2", "the base model's tokenizer (filled in from the base)")
     lr: float = knob(5e-5, "peak learning rate, reached at the end of the warm-up")
     min_lr: float = knob(5e-5, "learning rate at the end of the cosine decay (= lr: constant)")
@@ -516,60 +139,110 @@ class FinetuneConfig(TrainConfig):
     eval_interval: int = knob(50, "evaluate, and save a checkpoint, every this many steps")
     eval_iters: int = knob(5, "training batches in an evaluation's train loss (validation: all of it)")
     out_dir: str = knob("runs/finetune", "folder for checkpoints and metrics, one run per folder")
-    task: str = knob("classify", "classify (SMS spam: a 2-way head on the last real token), instruct "
-                                 "(Alpaca-format instruction following) or reward (a reward model: a scalar head "
-                                 "trained so that chosen responses beat rejected ones), dpo (direct "
-                                 "preference optimisation of a language model against a frozen copy of itself), "
-                                 "grpo or ppo (reinforcement learning from sampled responses and their rewards)")
+    task: str = knob("classify", "the task: classify, instruct, reward, dpo, grpo or ppo (the command's name)")
     base: str = knob("gpt2", "the model to start from: gpt2, gpt2-medium, ... (OpenAI's weights), a chapter 4 "
                              "run folder, an instruct run's folder, or a folder with a Hugging Face GPT-2")
-    train_blocks: int = knob(-1, "classify, reward: transformer blocks trained, counted from the top, with the "
-                                 "final norm and the head; -1: all, 0: the head alone")
     lora_rank: int = knob(0, "train LoRA adapters of this rank on every linear layer of the blocks instead of "
                              "the weights; 0: no LoRA")
     lora_alpha: float = knob(16.0, "LoRA's alpha: the update is scaled by alpha / rank")
-    mask_prompt: bool = knob(False, "instruct: leave the prompt's tokens out of the loss, learning the "
-                                    "responses only")
     bucket: bool = knob(True, "batch examples of similar length together, so batches need less padding")
     epochs: float = knob(0.0, "passes over the training examples; sets max_steps (0: max_steps decides)")
-    beta: float = knob(0.1, "dpo: how far the policy may move from the reference; the implicit reward is "
-                            "beta × the log-probability ratio")
-    reward: str = knob("exact-answer", "grpo, ppo: what scores a response: exact-answer (1 if it is the sum, "
-                                       "for the arithmetic data) or the folder of a reward run")
-    group_size: int = knob(8, "grpo, ppo: responses sampled per prompt (GRPO compares them with each other)")
-    max_new_tokens: int = knob(8, "grpo, ppo: the longest sampled response, in tokens")
-    temperature: float = knob(1.0, "grpo, ppo: sampling temperature of the responses")
-    kl_coef: float = knob(0.0, "grpo, ppo: weight of the KL penalty to the starting model (0: none, and no "
-                               "reference model is kept)")
-    clip_epsilon: float = knob(0.2, "grpo, ppo: the probability ratio is clipped to 1 ± this")
-    iterations: int = knob(1, "grpo, ppo: updates made from each rollout (GRPO's mu); from the second on, the "
-                              "ratio moves and clipping acts")
-    scale_rewards: bool = knob(True, "grpo: divide each group's centred rewards by their standard deviation")
-    value_coef: float = knob(0.5, "ppo: weight of the value head's squared error in the loss")
-    gae_lambda: float = knob(0.95, "ppo: lambda of generalised advantage estimation (1: reward minus value)")
 
-    SAME_RUN_FIELDS = ("task", "base", "train_blocks", "lora_rank", "lora_alpha", "mask_prompt", "bucket", "beta",
-                       "reward", "group_size", "max_new_tokens", "temperature", "kl_coef", "clip_epsilon",
-                       "iterations", "scale_rewards", "value_coef", "gae_lambda")
+    SAME_RUN_FIELDS = ("task", "base", "lora_rank", "lora_alpha", "bucket")
+
+    def __init_subclass__(cls, tasks: tuple[str, ...] = (), **kwargs):
+        super().__init_subclass__(**kwargs)
+        for task in tasks:
+            FinetuneConfig.TASKS[task] = cls
 
     def __post_init__(self):
         super().__post_init__()
-        if self.task not in TASKS:
-            raise ConfigError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name, low in (("train_blocks", -1), ("lora_rank", 0), ("group_size", 2), ("max_new_tokens", 1),
-                          ("iterations", 1)):
+        if self.task not in self.TASKS:
+            raise ConfigError("task", f"must be one of {', '.join(self.TASKS)}, got {self.task!r}")
+        if not isinstance(self, self.TASKS[self.task]):
+            raise ConfigError("task", f"a {type(self).__name__} is not for {self.task}: build the config with "
+                                      f"FinetuneConfig.for_task({self.task!r}, ...)")
+        self.check_settings({"lora_rank": 0}, {"lora_alpha": True, "epochs": False})
+
+    def check_settings(self, integers: dict[str, int], numbers: dict[str, bool]) -> None:
+        """A ConfigError naming the first bad setting: each of `integers` must be an int at least its bound, each
+        of `numbers` a finite number >= 0, and > 0 where its flag says positive."""
+        for name, low in integers.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
-        for name in ("lora_alpha", "epochs", "beta", "temperature", "kl_coef", "clip_epsilon", "value_coef",
-                     "gae_lambda"):
-            value, positive = getattr(self, name), name in ("lora_alpha", "beta", "temperature", "clip_epsilon")
+        for name, positive in numbers.items():
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf \
                     or (positive and value == 0):
                 raise ConfigError(name, f"must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
-        if self.lora_rank and self.train_blocks != -1:
-            raise ConfigError("train_blocks", "with LoRA every block gets adapters and no weight is trained: "
-                                              "leave train_blocks at -1")
+
+    @classmethod
+    def for_task(cls, task: str, **settings) -> "FinetuneConfig":
+        """The config of `task` (its registered class) with these settings."""
+        if task not in cls.TASKS:
+            raise ConfigError("task", f"must be one of {', '.join(cls.TASKS)}, got {task!r}")
+        return cls.TASKS[task](task=task, **settings)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "FinetuneConfig":
+        """A saved run's config (chapter 4's `from_dict`), as its task's class when read through FinetuneConfig
+        itself; through a task's class, as that class (a resumed run then names the task that differs)."""
+        if cls is not FinetuneConfig:
+            return TrainConfig.from_dict.__func__(cls, saved)
+        task = saved.get("task", "classify")
+        if task not in cls.TASKS:
+            raise ConfigError("task", f"the saved run's task {task!r} is none of {', '.join(cls.TASKS)}")
+        return TrainConfig.from_dict.__func__(cls.TASKS[task], saved)
+
+    # ---- what each task defines
+    def read_data(self) -> dict[str, list]:
+        """The task's examples split into train / val / test, with a fixed split seed whatever the run's seed,
+        so that every run is tested on the same examples."""
+        raise NotImplementedError
+
+    def wrap(self, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
+        """The base language model made into the model this task trains (LoRA is added after, by `finetune`)."""
+        return model
+
+    def batches(self, tokenizer: Tokenizer, splits: dict[str, list], model: nn.Module,
+                reference: nn.Module | None) -> "ExampleBatches":
+        """The train and validation examples as chapter 4's loop takes them. `model` is the model being trained
+        (the task's `wrap`ped one), `reference` a frozen copy of the base when `keeps_reference` says so."""
+        raise NotImplementedError
+
+    @property
+    def keeps_reference(self) -> bool:
+        """Whether the run keeps a frozen copy of the base (DPO's reference; a KL penalty's)."""
+        return False
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model inside a trained model of this task, to start another run from."""
+        raise ConfigError("base", f"a {self.task} run is not a language model: give OpenAI's GPT-2, a chapter 4 "
+                                  f"run, or an instruct, dpo, grpo or ppo run")
+
+    def test_report(self, model: nn.Module, tokenizer: Tokenizer, test: list) -> str:
+        """What a finished run's model does on the test examples, in a line or two (the command line's report)."""
+        raise NotImplementedError
+
+    # ---- what tasks share
+    def data_path(self) -> Path:
+        """The file `data` names: a registered data set (fetched) or a path; a ConfigError if it is neither."""
+        path = fetch(self.data) if self.data in REGISTRY else Path(self.data)
+        if not path.is_file():
+            raise ConfigError("data", f"{self.data!r} is neither a registered data set nor a file")
+        return path
+
+    def read_records(self, needed: set[str]) -> list[dict]:
+        """The JSON list of records in `data`, each holding the keys `needed`; a ConfigError naming the file."""
+        path = self.data_path()
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ConfigError("data", f"{path} is not a JSON list of instruction records: {err}") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) and needed <= set(r) for r in records):
+            raise ConfigError("data", f"{path} must hold a JSON list of objects with {', '.join(sorted(needed))}")
+        return records
 
 
 def bucketed_order(lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 20) -> list[int]:
@@ -692,30 +365,6 @@ class ExampleBatches:
         self.position = int(state["position"])
 
 
-def read_task_data(cfg: FinetuneConfig) -> dict[str, list]:
-    """The task's examples split into train / val / test, with a fixed split seed (123) whatever the run's
-    seed, so that every run is tested on the same examples: SMS spam balanced and split 70/10/20; instruction
-    and preference records split 85/5/10 (935/55/110 of the 1,100 records)."""
-    if cfg.data == "arithmetic":
-        return arithmetic_splits()
-    path = fetch(cfg.data) if cfg.data in REGISTRY else Path(cfg.data)
-    if not path.is_file():
-        raise ConfigError("data", f"{cfg.data!r} is neither a registered data set nor a file")
-    if cfg.task == "classify":
-        return balanced_split(read_sms_spam(path))
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ConfigError("data", f"{path} is not a JSON list of instruction records: {err}") from None
-    needed = {"instruction", "output"} | ({"chosen", "rejected"} if cfg.task in ("reward", "dpo") else set())
-    if cfg.task in RL_TASKS and cfg.reward == "exact-answer":
-        raise ConfigError("reward", "exact-answer scores the arithmetic data; to learn from instruction prompts, "
-                                    "give the folder of a reward run")
-    if not isinstance(records, list) or not all(isinstance(r, dict) and needed <= set(r) for r in records):
-        raise ConfigError("data", f"{path} must hold a JSON list of objects with {', '.join(sorted(needed))}")
-    return split_records(records, (round(0.85 * len(records)), round(0.05 * len(records))))
-
-
 def end_token(tokenizer: Tokenizer) -> int:
     """The tokenizer's end-of-text id, which pads batches and ends responses; a ConfigError if it has none."""
     if tokenizer.eot_token is None:
@@ -725,70 +374,11 @@ def end_token(tokenizer: Tokenizer) -> int:
 
 
 def wrap_for_task(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-    """The base model made ready to train on `cfg.task`: a SequenceClassifier for classify, a RewardModel for
-    reward; LoRA adapters with `lora_rank`, or the top `train_blocks` blocks unfrozen."""
-    if cfg.task in ("classify", "reward"):
-        if cfg.task == "classify":
-            model = SequenceClassifier(model, len(SPAM_LABELS), pad_id=end_token(tokenizer))
-        else:
-            model = RewardModel(model, pad_id=end_token(tokenizer))
-        if not cfg.lora_rank:
-            train_last_blocks(model, cfg.train_blocks)
-    elif cfg.train_blocks != -1:
-        raise ConfigError("train_blocks", f"{cfg.task} trains every block (or LoRA adapters): leave train_blocks "
-                                          f"at -1")
-    if cfg.task == "dpo":
-        model = DPOPolicy(model, cfg.beta)
-    if cfg.task in RL_TASKS:
-        model = PolicyGradient(model, cfg.clip_epsilon, cfg.kl_coef, cfg.task == "ppo", cfg.value_coef)
+    """The base model made ready to train on `cfg.task` (the task's `wrap`), with LoRA adapters of `lora_rank`."""
+    model = cfg.wrap(model, tokenizer)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     return model
-
-
-def task_batches(cfg: FinetuneConfig, tokenizer: Tokenizer, splits: dict[str, list],
-                 reference: nn.Module | None = None) -> ExampleBatches:
-    """The task's tokenized train and validation examples as the training loop's data (dpo: with the frozen
-    `reference` model's log-probabilities; grpo, ppo: prompts to sample from, and the reference if a KL
-    penalty needs it)."""
-    if cfg.task in RL_TASKS:
-        return rl_rollouts(cfg, tokenizer, splits, reference)
-    context, eot = cfg.context_length, end_token(tokenizer)
-    if cfg.task == "dpo":
-        train, val = ([preference_example(tokenizer, r) for r in splits[name]] for name in ("train", "val"))
-        return DPOPairs(train, val, reference, eot, cfg)
-    if cfg.task == "classify":
-        def encode(split):
-            return [(encode_for_classification(tokenizer, text, context), label) for text, label in split]
-
-        def collate(examples):
-            return pad_batch([ids for ids, _ in examples], eot), torch.tensor([y for _, y in examples])
-
-        def val_accuracy(model, precision):
-            right, device = 0, next(model.parameters()).device
-            for start in range(0, len(val), cfg.batch_size):
-                x, y = collate(val[start:start + cfg.batch_size])
-                with torch.no_grad(), autocast(device, precision):
-                    right += (model(x.to(device)).argmax(dim=1).cpu() == y).sum().item()
-            return {"val_accuracy": right / len(val)}
-
-        train, val = encode(splits["train"]), encode(splits["val"])
-        return ExampleBatches(train, val, collate, lambda example: len(example[0]), cfg, val_accuracy)
-
-    if cfg.task == "reward":
-        def preference_metrics(model, precision):
-            return {"val_preference_accuracy": preference_accuracy(model, val, context, cfg.batch_size)}
-
-        train, val = ([preference_example(tokenizer, r) for r in splits[name]] for name in ("train", "val"))
-        return ExampleBatches(train, val, lambda examples: reward_batch(examples, eot, context),
-                              lambda example: len(example[0]) + max(len(example[1]), len(example[2])), cfg,
-                              preference_metrics)
-
-    def collate(examples):
-        return instruction_batch(examples, eot, context, cfg.mask_prompt)
-
-    train, val = ([tokenize_instruction(tokenizer, record) for record in splits[name]] for name in ("train", "val"))
-    return ExampleBatches(train, val, collate, lambda example: len(example[0]) + len(example[1]), cfg)
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False, base: Base | None = None,
@@ -803,16 +393,14 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
             str(Path(cfg.base) / TOKENIZER_FILE)
         cfg = replace(cfg, arch=loaded.arch, model=model_settings_of(loaded.model),
                       vocab_multiple=loaded.vocab_multiple, tokenizer=tokenizer_name)
-        keep_reference = cfg.task == "dpo" or (cfg.task in RL_TASKS and cfg.kl_coef > 0)
-        reference = copy.deepcopy(loaded.model).eval().requires_grad_(False) if keep_reference else None
-        data = task_batches(cfg, loaded.tokenizer, read_task_data(cfg), reference)
+        reference = copy.deepcopy(loaded.model).eval().requires_grad_(False) if cfg.keeps_reference else None
+        splits = cfg.read_data()
+        model = wrap_for_task(cfg, loaded.model, loaded.tokenizer)
+        data = cfg.batches(loaded.tokenizer, splits, model, reference)
         if cfg.epochs:
             global_batch = cfg.batch_size * cfg.grad_accum * distributed_context()[2]
             cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(data.train) / global_batch)))
             data.cfg = cfg
-        model = wrap_for_task(cfg, loaded.model, loaded.tokenizer)
-        if cfg.task in RL_TASKS:
-            data.policy = model                     # rollouts are sampled from the model being trained
         return cfg, model, loaded.tokenizer, data
 
     return run_training(cfg, setup, resume, overwrite, log, progress, clock or time.perf_counter,
@@ -851,720 +439,36 @@ def finetune_preset(task: str, scale: str = "gpu", base: str | None = None) -> F
     in Raschka's chapters 6 and 7; a reward model starts from the instruct run's folder, for one epoch. cpu
     (2 epochs, a warm-up then cosine decay from 5e-4, or 2e-3 for instructions) and smoke are for the small
     bases a CPU can train; give them `base`."""
-    if task not in TASKS:
-        raise ConfigError("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in FinetuneConfig.TASKS:
+        raise ConfigError("task", f"must be one of {', '.join(FinetuneConfig.TASKS)}, got {task!r}")
+    rl_task = task in ("grpo", "ppo")
     classify_task = task in ("classify", "reward")
     default_base = {"classify": "gpt2", "instruct": "gpt2-medium" if scale == "gpu" else "gpt2",
                     "reward": "runs/instruct", "dpo": "runs/instruct",         # (where an instruct run goes)
                     "grpo": "runs/arithmetic-sft", "ppo": "runs/arithmetic-sft"}[task]
-    common = dict(task=task, data=TASK_DATA[task], base=base or default_base, out_dir=f"runs/{task}",
-                  batch_size=8, weight_decay=0.1)
-    if task in RL_TASKS:
+    common = dict(base=base or default_base, out_dir=f"runs/{task}", batch_size=8, weight_decay=0.1)
+    if rl_task:
         steps = {"smoke": 4, "cpu": RL_CPU_STEPS, "gpu": 4 * RL_CPU_STEPS}.get(scale)
         if steps is None:
             raise ConfigError("scale", f"must be smoke, cpu or gpu, got {scale!r}")
-        return FinetuneConfig(**{**common, "weight_decay": 0.0, "batch_size": 32 if scale != "smoke" else 2},
-                              max_steps=steps, lr=RL_LR, min_lr=RL_LR, eval_interval=max(1, steps // 10),
-                              eval_iters=2 if scale != "smoke" else 1)
+        return FinetuneConfig.for_task(task, **{**common, "weight_decay": 0.0,
+                                                "batch_size": 32 if scale != "smoke" else 2},
+                                       max_steps=steps, lr=RL_LR, min_lr=RL_LR, eval_interval=max(1, steps // 10),
+                                       eval_iters=2 if scale != "smoke" else 1)
     if scale == "gpu":
         if task == "dpo":
-            return FinetuneConfig(**common, epochs=1.0, lr=5e-6, min_lr=5e-6, beta=0.1, eval_interval=25)
+            return FinetuneConfig.for_task(task, **common, epochs=1.0, lr=5e-6, min_lr=5e-6, beta=0.1,
+                                           eval_interval=25)
         epochs = {"classify": 5.0, "instruct": 2.0, "reward": 1.0}[task]
-        return FinetuneConfig(**common, epochs=epochs, eval_interval=50 if classify_task else 25)
+        return FinetuneConfig.for_task(task, **common, epochs=epochs, eval_interval=50 if classify_task else 25)
     if scale == "cpu" and task == "dpo":
-        return FinetuneConfig(**common, epochs=1.0, lr=DPO_CPU_LR, min_lr=DPO_CPU_LR / 10, warmup_steps=10,
-                              beta=0.1, eval_interval=20)
+        return FinetuneConfig.for_task(task, **common, epochs=1.0, lr=DPO_CPU_LR, min_lr=DPO_CPU_LR / 10,
+                                       warmup_steps=10, beta=0.1, eval_interval=20)
     if scale == "cpu":
         lr = 5e-4 if classify_task else 2e-3
-        return FinetuneConfig(**common, epochs=2.0, lr=lr, min_lr=lr / 10, warmup_steps=10, eval_interval=40)
+        return FinetuneConfig.for_task(task, **common, epochs=2.0, lr=lr, min_lr=lr / 10, warmup_steps=10,
+                                       eval_interval=40)
     if scale == "smoke":
-        return FinetuneConfig(**common, max_steps=6, lr=1e-3, min_lr=1e-3, eval_interval=3, eval_iters=1)
+        return FinetuneConfig.for_task(task, **common, max_steps=6, lr=1e-3, min_lr=1e-3, eval_interval=3,
+                                       eval_iters=1)
     raise ConfigError("scale", f"must be smoke, cpu or gpu, got {scale!r}")
-
-
-# ---- Instruction finetuning ------------------------------------------------------------------------------
-
-def split_records(records: Sequence, sizes: tuple[int, int] = (935, 55), seed: int = 123) -> dict[str, list]:
-    """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}."""
-    if sum(sizes) >= len(records):
-        raise ValueError(f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
-    shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
-    return {"train": shuffled[:sizes[0]], "val": shuffled[sizes[0]:sum(sizes)], "test": shuffled[sum(sizes):]}
-
-
-def alpaca_prompt(record: dict) -> str:
-    """The Alpaca prompt (Taori et al., 2023) for an {"instruction", "input", "output"} record: the task
-    statement, the instruction, the input if there is one, and the header the response follows."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            f"the request.\n\n### Instruction:\n{record['instruction']}")
-    if record.get("input"):
-        text += f"\n\n### Input:\n{record['input']}"
-    return text + "\n\n### Response:\n"
-
-
-def tokenize_instruction(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids + the end-of-text token): the end token is learned, so the model stops."""
-    return tokenizer.encode(alpaca_prompt(record)), tokenizer.encode(record["output"]) + [tokenizer.eot_token]
-
-
-def instruction_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, max_length: int,
-                      mask_prompt: bool = False, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, each (batch, longest), for (prompt ids, response ids) examples.
-
-    Each example is prompt + response (which ends with the end-of-text token), cut to `max_length` + 1
-    tokens (the model's context; a longer one loses its end, counted by `truncated`); inputs are all but the
-    last token and targets all but the first. Inputs are padded with `pad_id`; padded targets are
-    `ignore_index`, which the loss skips, so the padding is never learned. With `mask_prompt`, the targets
-    that are prompt tokens are ignored too: the loss is the response's alone.
-    """
-    inputs, targets = [], []
-    for prompt, response in examples:
-        sequence = (list(prompt) + list(response))[:max_length + 1]
-        target = sequence[1:]
-        if mask_prompt:
-            target = [ignore_index] * min(len(prompt) - 1, len(target)) + target[len(prompt) - 1:]
-        inputs.append(sequence[:-1])
-        targets.append(target)
-    longest = max(len(x) for x in inputs)
-    x = torch.tensor([seq + [pad_id] * (longest - len(seq)) for seq in inputs], dtype=torch.long)
-    y = torch.tensor([seq + [ignore_index] * (longest - len(seq)) for seq in targets], dtype=torch.long)
-    return x, y
-
-
-def truncated(examples: Sequence[tuple[list[int], list[int]]], max_length: int) -> int:
-    """How many examples `instruction_batch` cuts short at `max_length`."""
-    return sum(len(prompt) + len(response) > max_length + 1 for prompt, response in examples)
-
-
-@torch.no_grad()
-def respond(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 256) -> str:
-    """The model's greedy answer to a prompt, up to its end-of-text token (or `max_new_tokens`). A prompt
-    longer than the context keeps its last tokens (chapter 3's `generate` crops)."""
-    ids = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
-    out = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=tokenizer.eot_token,
-                   vocab_size=tokenizer.n_vocab)[0, ids.shape[1]:].tolist()
-    if tokenizer.eot_token in out:
-        out = out[:out.index(tokenizer.eot_token)]
-    return tokenizer.decode(out).strip()
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (Lin, 2004) of two texts: from the longest common subsequence of their lower-cased words,
-    precision = LCS / candidate words, recall = LCS / reference words, and their harmonic mean."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return float(a == b)
-    previous = [0] * (len(b) + 1)
-    for word in a:                                   # one row of the LCS table at a time
-        current = [0]
-        for j, other in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if word == other else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-JUDGE_URL = "http://localhost:11434/v1/chat/completions"      # Ollama's OpenAI-compatible endpoint
-
-
-def judge_scores(items: Sequence[dict], url: str = JUDGE_URL, model: str = "llama3.1", timeout: float = 60.0,
-                 opener: Callable = urllib.request.urlopen) -> list[int | None] | None:
-    """Scores from 0 to 100 that a local LLM (any OpenAI-compatible chat endpoint, such as Ollama's) gives
-    each {"instruction", "input", "output", "response"} item's response, against the reference output.
-    None if no endpoint answers the first request; an item whose reply holds no number scores None."""
-    scores = []
-    for number, item in enumerate(items):
-        question = (f"Grade an answer to a task.\n\nThe task:\n{alpaca_prompt(item)}\n\nA reference answer:\n"
-                    f"{item['output']}\n\nThe answer to grade:\n{item['response']}\n\nHow good is the answer "
-                    f"to grade, from 0 (wrong or unrelated) to 100 (as good as the reference)? Reply with one "
-                    f"integer and nothing else.")
-        body = json.dumps({"model": model, "temperature": 0,
-                           "messages": [{"role": "user", "content": question}]}).encode()
-        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-        try:
-            with opener(request, timeout=timeout) as reply:
-                text = json.loads(reply.read())["choices"][0]["message"]["content"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
-            if number == 0:
-                return None                          # nothing answers: no judge on this machine
-            scores.append(None)
-            continue
-        found = re.search(r"\d+", text)
-        scores.append(min(100, int(found.group())) if found else None)
-    return scores
-
-
-def answer_records(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict],
-                   max_new_tokens: int = 256) -> list[dict]:
-    """Each instruction record with the model's greedy `response` to its Alpaca prompt and the response's
-    `rouge_l` against the record's output."""
-    answered = []
-    for record in records:
-        response = respond(model, tokenizer, alpaca_prompt(record), max_new_tokens)
-        answered.append({**record, "response": response, "rouge_l": rouge_l(response, record["output"])})
-    return answered
-
-
-# ---- Preferences: from imitation to choice ---------------------------------------------------------------
-
-def preference_example(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen response ids, rejected response ids) of a preference record, each response ending
-    with the end-of-text token."""
-    eot = end_token(tokenizer)
-    prompt = tokenizer.encode(alpaca_prompt(record))
-    return prompt, tokenizer.encode(record["chosen"]) + [eot], tokenizer.encode(record["rejected"]) + [eot]
-
-
-def preference_batch(examples: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, max_length: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets, each (2 · batch, longest): the prompt + chosen response of every example, then the
-    prompt + rejected response of every example, the prompts' targets masked (-100) so that only the
-    responses are scored."""
-    chosen = [(prompt, response) for prompt, response, _ in examples]
-    rejected = [(prompt, response) for prompt, _, response in examples]
-    return instruction_batch(chosen + rejected, pad_id, max_length, mask_prompt=True)
-
-
-def token_logprobs(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(rows, seq) the log-probability that logits (rows, seq, vocab) give each target of y (rows, seq), and 0
-    where the target is `ignore_index`."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    kept = y != ignore_index
-    return log_probs.gather(-1, torch.where(kept, y, 0).unsqueeze(-1)).squeeze(-1) * kept
-
-
-def output_weight(model: nn.Module) -> torch.Tensor:
-    """The (vocab, n_embd) matrix that turns a GPTModel's or LlamaModel's final hidden states into logits, or
-    None for a model without one (a LoRA-wrapped output layer)."""
-    if hasattr(model, "output_weight"):
-        return model.output_weight
-    head = getattr(model, "lm_head", None)
-    return head.weight if isinstance(head, nn.Linear) else None
-
-
-def scored_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(scored tokens, vocab) the logits at the positions whose target y (rows, seq) is not `ignore_index`, row
-    by row. The output layer runs at those positions only: with a 50,257-token vocabulary it is most of the
-    work, and prompts are most of the positions."""
-    kept = y != ignore_index
-    weight = output_weight(model)
-    if weight is None or not hasattr(model, "hidden_states"):
-        return model(x)[kept]
-    return model.hidden_states(x)[kept] @ weight.t()
-
-
-def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(rows,) the log-probability the model gives each row's targets, summed over the targets that are not
-    `ignore_index`: log p(response | prompt) for a batch from `preference_batch`."""
-    return summed_logprobs(scored_logits(model, x, y, ignore_index), y, ignore_index)
-
-
-def summed_logprobs(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(rows,) from `scored_logits` (scored tokens, vocab) and targets y (rows, seq): each row's summed
-    log-probability of its scored targets."""
-    kept = y != ignore_index
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, y[kept].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(len(y), device=y.device).index_add(0, kept.nonzero()[:, 0], picked)
-
-
-def kl_divergence(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
-    """(...) KL(p ‖ p_ref) = Σ_v p(v) (log p(v) - log p_ref(v)) between the next-token distributions of logits
-    and reference logits (..., vocab), exact over the vocabulary."""
-    log_p, log_ref = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(reference_logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_ref)).sum(dim=-1)
-
-
-def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """-log σ(r_chosen - r_rejected), averaged: the Bradley–Terry model's negative log-likelihood that each
-    chosen response beats its rejected one, given scalar rewards (batch,)."""
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Direct preference optimisation (Rafailov et al., 2023) from sequence log-probabilities (batch,) of the
-    policy and the frozen reference: the Bradley–Terry loss of the implicit rewards
-    r = β · (log π(response) - log π_ref(response)). Returns the loss and what to log: the mean rewards of
-    the chosen and rejected responses, their margin, and the fraction of pairs ranked right."""
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta!r}")
-    chosen_rewards = beta * (policy_chosen - reference_chosen)
-    rejected_rewards = beta * (policy_rejected - reference_rejected)
-    loss = bradley_terry_loss(chosen_rewards, rejected_rewards)
-    margin = (chosen_rewards - rejected_rewards).detach()
-    return loss, {"reward_chosen": chosen_rewards.mean().item(), "reward_rejected": rejected_rewards.mean().item(),
-                  "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()}
-
-
-# ---- A reward model --------------------------------------------------------------------------------------
-
-class RewardModel(SequenceClassifier):
-    """A scalar reward for a prompt and response: a SequenceClassifier with one output, read at the last real
-    token. (batch, seq) ids -> (batch,) rewards. Given `targets` (batch,), 1 for the rows of chosen responses
-    and 0 for their rejected partners (in the same order), it returns the Bradley–Terry loss instead."""
-
-    def __init__(self, base: nn.Module, pad_id: int):
-        super().__init__(base, 1, pad_id)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        rewards = super().forward(idx)[:, 0].float()
-        if targets is None:
-            return rewards
-        return bradley_terry_loss(rewards[targets == 1], rewards[targets == 0])
-
-
-def reward_batch(examples: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int, max_length: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (2 · batch, longest), targets (2 · batch,)): prompt + chosen response of every example, then prompt +
-    rejected response, each cut to `max_length` tokens; targets are 1 for the chosen rows, 0 for the rejected."""
-    rows = [(prompt + chosen)[:max_length] for prompt, chosen, _ in examples] + \
-           [(prompt + rejected)[:max_length] for prompt, _, rejected in examples]
-    return pad_batch(rows, pad_id), torch.tensor([1] * len(examples) + [0] * len(examples))
-
-
-@torch.no_grad()
-def preference_accuracy(model: RewardModel, examples: Sequence, max_length: int, batch_size: int = 16) -> float:
-    """The fraction of (prompt, chosen, rejected) examples whose chosen response gets the higher reward."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    right = 0
-    for start in range(0, len(examples), batch_size):
-        ids, _ = reward_batch(examples[start:start + batch_size], model.pad_id, max_length)
-        rewards = model(ids.to(device))
-        half = len(rewards) // 2
-        right += (rewards[:half] > rewards[half:]).sum().item()
-    model.train(was_training)
-    return right / len(examples)
-
-
-# ---- Direct preference optimisation ----------------------------------------------------------------------
-
-class DPOPolicy(nn.Module):
-    """A language model being trained with DPO. Without targets it is the language model, (batch, seq) ids ->
-    logits (batch, seq, vocab), so it generates like any other. Given targets (y, reference log-probs) for a
-    `preference_batch` of ids (2 · batch, seq), y its targets and the reference's sequence log-probabilities of
-    the same rows (2 · batch,), it returns `dpo_loss`."""
-
-    def __init__(self, policy: nn.Module, beta: float):
-        super().__init__()
-        self.policy, self.beta, self.cfg = policy, beta, policy.cfg
-
-    def forward(self, idx: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if targets is None:
-            return self.policy(idx)
-        y, reference = targets
-        logps = sequence_logprobs(self.policy, idx, y)
-        half = len(logps) // 2
-        return dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], self.beta)[0]
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-
-class DPOPairs(ExampleBatches):
-    """DPO's data for chapter 4's loop: (prompt, chosen, rejected) examples batched by `preference_batch` into
-    (ids, (targets, reference log-probs)). The frozen `reference` scores every example once, on the device of
-    the first batch asked for (trl's precompute_ref_log_probs), so a step costs the policy's passes alone.
-
-    Each evaluation reports the DPO loss on a sample of training pairs and on every validation pair, and, on
-    the validation pairs, the mean implicit rewards β·log(π/π_ref) of the chosen and rejected responses, their
-    margin, the fraction of pairs ranked right, and the KL divergence of the policy from the reference per
-    response token, exact over the vocabulary, along the chosen and rejected responses."""
-
-    def __init__(self, train: Sequence, val: Sequence, reference: nn.Module, pad_id: int, cfg: FinetuneConfig):
-        self.reference, self.pad_id, self.scored = reference, pad_id, None
-        super().__init__(train, val, self.collate, lambda e: len(e[0]) + max(len(e[1]), len(e[2])), cfg)
-
-    def score(self, device) -> None:
-        """Every example's reference log-probabilities of its chosen and rejected responses, once."""
-        if self.scored is not None:
-            return
-        self.reference.to(device)
-        self.scored = {}
-        with torch.no_grad(), autocast(device, choose_precision(device)):
-            for examples in (self.train, self.val):
-                for start in range(0, len(examples), self.cfg.batch_size):
-                    batch = examples[start:start + self.cfg.batch_size]
-                    x, y = preference_batch(batch, self.pad_id, self.cfg.context_length)
-                    logps = sequence_logprobs(self.reference, x.to(device), y.to(device)).cpu()
-                    for i, example in enumerate(batch):
-                        self.scored[id(example)] = (logps[i], logps[len(batch) + i])
-
-    def collate(self, examples: Sequence) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        x, y = preference_batch(examples, self.pad_id, self.cfg.context_length)
-        pairs = [self.scored[id(example)] for example in examples]
-        return x, (y, torch.stack([c for c, _ in pairs] + [r for _, r in pairs]))
-
-    def next_micro_batches(self, rank: int, world: int, device) -> list:
-        self.score(device)
-        return super().next_micro_batches(rank, world, device)
-
-    @torch.no_grad()
-    def measure(self, model: nn.Module, examples: Sequence, precision: Precision) -> dict[str, float]:
-        """The DPO loss and its logged quantities over `examples`, each batch weighted by its pairs."""
-        device = next(model.parameters()).device
-        self.score(device)
-        policy = getattr(model, "module", model).policy             # (inside DDP's wrapper, if any)
-        sums, kl_total, tokens = {}, 0.0, 0
-        for start in range(0, len(examples), self.cfg.batch_size):
-            x, (y, reference) = self.collate(examples[start:start + self.cfg.batch_size])
-            x, y, reference = x.to(device), y.to(device), reference.to(device)
-            with autocast(device, precision):
-                logits, reference_logits = scored_logits(policy, x, y), scored_logits(self.reference, x, y)
-            logps, half = summed_logprobs(logits, y), len(x) // 2                # as in training, to the last bit
-            loss, stats = dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], self.cfg.beta)
-            for name, value in {"loss": loss.item(), **stats}.items():
-                sums[name] = sums.get(name, 0.0) + value * half
-            kl_total += kl_divergence(logits, reference_logits).sum().item()
-            tokens += len(logits)
-        return {name: total / len(examples) for name, total in sums.items()} | {"kl": kl_total / tokens}
-
-    def evaluate(self, model: nn.Module, precision: Precision) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        val = self.measure(model, self.val, precision)
-        row = {"train_loss": self.measure(model, self.train_sample, precision)["loss"], "val_loss": val.pop("loss")}
-        row |= {f"val_{name}": value for name, value in val.items()}
-        model.train(was_training)
-        return row
-
-
-def reward_model_reward(model: RewardModel, context_length: int) -> Callable:
-    """reward(examples, responses) -> (rows,): a reward model's score of each prompt + response (examples are
-    (prompt ids, record)), cut to `context_length` tokens."""
-    @torch.no_grad()
-    def reward(examples: Sequence, responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        device = next(model.parameters()).device
-        rows = [(list(prompt) + list(response))[:context_length] for (prompt, _), response in zip(examples, responses)]
-        return model(pad_batch(rows, model.pad_id).to(device)).cpu()
-    return reward
-
-
-def win_rate(rewards: torch.Tensor, other_rewards: torch.Tensor) -> float:
-    """The fraction of prompts (rewards of two models' answers to each, (prompts,)) on which the first model's
-    answer gets the higher reward, a tie counting half."""
-    return ((rewards > other_rewards).float() + 0.5 * (rewards == other_rewards).float()).mean().item()
-
-
-# ---- Reinforcement learning: GRPO and PPO ----------------------------------------------------------------
-
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO's advantages (Shao et al., 2024) for rewards (groups, group_size), the responses of a group
-    answering the same prompt: each reward minus its group's mean, divided by the group's standard deviation
-    (+ eps) when `scale` (as trl; without, as Dr. GRPO, Liu et al., 2025). A group whose rewards are all equal
-    gets zero advantages: it teaches nothing."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
-
-
-def kl_estimate(logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
-    """Per sampled token, Schulman's k3 estimate of KL(π ‖ π_ref): r - log r - 1 with r = π_ref/π, from the
-    log-probabilities of the sampled tokens under the policy and the reference. Never negative; its mean
-    over tokens sampled from π is the KL divergence, without bias."""
-    log_ratio = reference_logps - logps
-    return log_ratio.exp() - log_ratio - 1
-
-
-def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, epsilon: float = 0.2, reference_logps: torch.Tensor | None = None,
-                        kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate (Schulman et al., 2017), as GRPO uses it, averaged over the response tokens.
-
-    logps, old_logps, mask: (rows, seq), the sampled tokens' log-probabilities under the policy being trained
-    and under the policy that sampled them, and 1 for response tokens. advantages: (rows,) one per response
-    (GRPO) or (rows, seq) one per token (PPO). Per token, with ratio ρ = π/π_old:
-    loss = -min(ρ·A, clip(ρ, 1-ε, 1+ε)·A) + kl_coef · KL estimate to the reference. The mean is over all
-    response tokens of the batch (DAPO's token-level mean, trl's default). Returns the loss and what to log:
-    the fraction of tokens whose ratio was clipped, and the mean KL estimate (0 without a reference)."""
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    mask = mask.float()
-    ratio = (logps - old_logps).exp()
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
-    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
-    kl = kl_estimate(logps, reference_logps) if reference_logps is not None else torch.zeros_like(logps)
-    if kl_coef:
-        per_token = per_token + kl_coef * kl
-    tokens = mask.sum().clamp(min=1)
-    was_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
-    stats = {"clip_fraction": ((was_clipped.float() * mask).sum() / tokens).item(),
-             "kl": ((kl.detach() * mask).sum() / tokens).item()}
-    return (per_token * mask).sum() / tokens, stats
-
-
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al., 2016) over response tokens: rewards, values, mask
-    (rows, seq), the value after the last response token being 0. δ_t = r_t + γ·V_{t+1} - V_t and
-    A_t = δ_t + γλ·A_{t+1}. Returns (advantages, returns = advantages + values), 0 outside the mask. With
-    γ = λ = 1 and one reward at the end, A_t = R - V_t."""
-    mask = mask.float()
-    advantages = torch.zeros_like(values)
-    next_value = next_advantage = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value = values[:, t] * mask[:, t]
-        next_advantage = advantages[:, t]
-    return advantages, (advantages + values) * mask
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """values (rows, seq) shifted and scaled to mean 0 and standard deviation 1 over the masked entries."""
-    kept = values[mask.bool()]
-    return (values - kept.mean()) / (kept.std() + eps) * mask
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout layer of `model` set to drop nothing: a policy must give the same log-probabilities when
-    it samples and when it learns from the samples (trl does the same)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
-
-
-class PolicyGradient(nn.Module):
-    """A language model trained by reinforcement learning. Without targets it is the language model,
-    (batch, seq) ids -> logits (batch, seq, vocab). Given a rollout's targets (y, advantages, old log-probs,
-    reference log-probs, returns) from `Rollouts`, it returns `clipped_policy_loss`; with a value head (PPO),
-    plus value_coef × the squared error of its values against the returns. The statistics of each loss wait
-    in `stats` for the next evaluation to report."""
-
-    def __init__(self, policy: nn.Module, epsilon: float, kl_coef: float, value_head: bool = False,
-                 value_coef: float = 0.5):
-        super().__init__()
-        self.policy, self.cfg = disable_dropout(policy), policy.cfg
-        self.epsilon, self.kl_coef, self.value_coef = epsilon, kl_coef, value_coef
-        self.value_head = nn.Linear(policy.cfg.n_embd, 1) if value_head else None
-        if value_head:
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-        self.stats: list[dict[str, float]] = []
-
-    def logits_and_values(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(batch, seq, vocab) logits and, with a value head, (batch, seq) values from one pass."""
-        if self.value_head is None:
-            return self.policy(idx), None
-        hidden = self.policy.hidden_states(idx)
-        return hidden @ output_weight(self.policy).t(), self.value_head(hidden).squeeze(-1).float()
-
-    def forward(self, idx: torch.Tensor, targets: tuple | None = None) -> torch.Tensor:
-        logits, values = self.logits_and_values(idx)
-        if targets is None:
-            return logits
-        y, advantages, old_logps, reference_logps, returns = targets
-        mask = y != -100
-        loss, stats = clipped_policy_loss(token_logprobs(logits, y), old_logps, advantages, mask, self.epsilon,
-                                          reference_logps if reference_logps.numel() else None, self.kl_coef)
-        if values is not None:
-            value_loss = ((values - returns) ** 2 * mask).sum() / mask.sum().clamp(min=1)
-            loss = loss + self.value_coef * value_loss
-            stats["value_loss"] = value_loss.item()
-        self.stats.append(stats)
-        return loss
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
-
-
-def response_end(tokenizer: Tokenizer) -> int:
-    """The token that ends a sampled response: end-of-text, or a newline for a tokenizer without one (a
-    character-level model of one problem per line)."""
-    if tokenizer.eot_token is not None:
-        return tokenizer.eot_token
-    try:
-        return tokenizer.encode("\n")[0]
-    except ValueError:
-        raise ConfigError("base", "the base's tokenizer has neither an end-of-text token nor a newline to end "
-                                  "responses with") from None
-
-
-def cut_at(ids: Sequence[int], end: int) -> list[int]:
-    """ids up to and including the first `end` (all of them if there is none)."""
-    ids = list(ids)
-    return ids[:ids.index(end) + 1] if end in ids else ids
-
-
-class Rollouts(ExampleBatches):
-    """Reinforcement learning's data for chapter 4's loop. Its examples are (prompt ids, what the reward
-    needs). A rollout takes the next batch_size × grad_accum × processes prompts, samples `group_size`
-    responses to each from the policy being trained (`policy`, set once the model is built), scores them with
-    `reward(examples, responses) -> (rows,)`, and makes each micro-batch (ids, (targets, advantages, old
-    log-probs, reference log-probs, returns)): GRPO's group advantages, or with the policy's value head (PPO)
-    advantages by GAE, whitened. A rollout serves `iterations` consecutive steps (GRPO's μ), the
-    old log-probabilities fixed at sampling, so from the second step on the ratio moves and may be clipped.
-
-    Each evaluation reports the mean reward of greedy responses to the validation prompts (`val_reward`; the
-    loop's val_loss is its negative) and to a fixed sample of training prompts, and averages of the rollouts
-    since the last evaluation: the sampled `reward`, `response_length`, `equal_groups` (the fraction of
-    groups whose rewards were all equal, which teach nothing), `clip_fraction`, `kl` and `value_loss`."""
-
-    def __init__(self, train: Sequence, val: Sequence, reward: Callable, end: int, cfg: FinetuneConfig,
-                 reference: nn.Module | None = None, vocab_size: int | None = None):
-        longest = max(len(prompt) for prompt, _ in list(train) + list(val))
-        if longest + cfg.max_new_tokens > cfg.context_length:
-            raise ConfigError("max_new_tokens", f"a prompt of {longest} tokens and {cfg.max_new_tokens} new tokens "
-                                                f"do not fit the context of {cfg.context_length}: lower "
-                                                f"max_new_tokens or keep prompts shorter")
-        super().__init__(train, val, None, lambda example: len(example[0]), cfg)
-        self.reward, self.end, self.reference, self.vocab_size = reward, end, reference, vocab_size
-        self.policy: PolicyGradient | None = None
-        self.buffer, self.uses, self.rollout_stats = [], 0, []
-        self.generator, self.generator_state = None, None
-
-    def sample(self, prompts: Sequence[Sequence[int]], device, samples: int, temperature: float) -> list[list[int]]:
-        """`samples` responses to each prompt (prompt-major), each cut after its end token; prompts of equal
-        length are sampled together."""
-        if self.generator is None or self.generator.device != torch.device(device):
-            self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
-            if self.generator_state is not None:
-                self.generator.set_state(self.generator_state)
-        responses: list[list[int] | None] = [None] * (len(prompts) * samples)
-        by_length: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(i)
-        for length, members in by_length.items():
-            idx = torch.tensor([prompts[i] for i in members for _ in range(samples)], device=device)
-            out = generate(self.policy.policy, idx, self.cfg.max_new_tokens, temperature, eos_id=self.end,
-                           generator=self.generator if temperature else None, vocab_size=self.vocab_size)
-            for row, ids in enumerate(out[:, length:].tolist()):
-                responses[members[row // samples] * samples + row % samples] = cut_at(ids, self.end)
-        return responses
-
-    @torch.no_grad()
-    def rollout(self, examples: Sequence, device) -> tuple[torch.Tensor, tuple]:
-        cfg, group = self.cfg, self.cfg.group_size
-        responses = self.sample([prompt for prompt, _ in examples], device, group, cfg.temperature)
-        repeated = [example for example in examples for _ in range(group)]
-        rewards = self.reward(repeated, responses).float().cpu()
-        x, y = instruction_batch([(prompt, response) for (prompt, _), response in zip(repeated, responses)],
-                                 self.end, cfg.context_length, mask_prompt=True)
-        mask = y != -100
-        with autocast(device, choose_precision(device)):
-            logits, values = self.policy.logits_and_values(x.to(device))
-            old_logps = token_logprobs(logits, y.to(device)).cpu()
-            reference_logps = token_logprobs(self.reference(x.to(device)), y.to(device)).cpu() \
-                if self.reference is not None else torch.empty(0)
-        if values is None:
-            advantages, returns = group_advantages(rewards.view(-1, group), cfg.scale_rewards).flatten(), torch.empty(0)
-        else:
-            last = mask.cumsum(dim=1).argmax(dim=1)                     # each response's last token
-            token_rewards = torch.zeros(y.shape).index_put_((torch.arange(len(y)), last), rewards)
-            advantages, returns = gae_advantages(token_rewards, values.cpu(), mask, gamma=1.0, lam=cfg.gae_lambda)
-            advantages = whiten(advantages, mask)
-        self.rollout_stats.append({"reward": rewards.mean().item(),
-                                   "response_length": mask.sum(dim=1).float().mean().item(),
-                                   "equal_groups": (rewards.view(-1, group).std(dim=1) == 0).float().mean().item()})
-        return x, (y, advantages, old_logps, reference_logps, returns)
-
-    def next_micro_batches(self, rank: int, world: int, device) -> list:
-        if self.uses == 0:
-            self.buffer = [self.rollout(examples, device) for examples in self.step_examples(rank, world)]
-        self.uses = (self.uses + 1) % self.cfg.iterations
-        return [(x.to(device), to_device(targets, device)) for x, targets in self.buffer]
-
-    def greedy_rewards(self, examples: Sequence, device) -> torch.Tensor:
-        """(len(examples),) the rewards of the policy's greedy responses to the examples' prompts."""
-        rewards = []
-        for start in range(0, len(examples), 64):
-            batch = examples[start:start + 64]
-            responses = self.sample([prompt for prompt, _ in batch], device, 1, 0.0)
-            rewards.append(self.reward(batch, responses).float().cpu())
-        return torch.cat(rewards)
-
-    def evaluate(self, model: nn.Module, precision: Precision) -> dict[str, float]:
-        device = next(model.parameters()).device
-        val_reward = self.greedy_rewards(self.val, device).mean().item()
-        row = {"train_loss": -self.greedy_rewards(self.train_sample, device).mean().item(), "val_loss": -val_reward,
-               "val_reward": val_reward}
-        for stats in (self.rollout_stats, getattr(model, "module", model).stats):
-            for name in (stats[0] if stats else {}):
-                row[name] = sum(s[name] for s in stats) / len(stats)
-            stats.clear()
-        return row
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "uses": self.uses, "buffer": self.buffer,
-                "generator": self.generator.get_state() if self.generator is not None else self.generator_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position, self.uses, self.buffer = int(state["position"]), int(state["uses"]), state["buffer"]
-        self.generator_state, self.generator = state["generator"], None
-
-
-# ---- A verifiable reward: arithmetic ---------------------------------------------------------------------
-
-ARITHMETIC_SIZES = (20000, 200, 500)          # train, validation, test problems
-
-
-def arithmetic_splits(sizes: tuple[int, int, int] = ARITHMETIC_SIZES, seed: int = 123) -> dict[str, list[dict]]:
-    """Distinct addition problems {"prompt": "352+47=", "answer": "399"}, each number of two or three digits
-    (chosen at random), cut into train / val / test: a task whose answers a program can check."""
-    generator, seen, problems = random.Random(seed), set(), []
-    while len(problems) < sum(sizes):
-        a, b = (generator.randrange(10, 100) if generator.random() < 0.5 else generator.randrange(100, 1000)
-                for _ in range(2))
-        if (a, b) not in seen:
-            seen.add((a, b))
-            problems.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
-    return {"train": problems[:sizes[0]], "val": problems[sizes[0]:sizes[0] + sizes[1]],
-            "test": problems[sizes[0] + sizes[1]:]}
-
-
-def arithmetic_text(problems: Sequence[dict]) -> str:
-    """The problems as supervised-finetuning text, one "352+47=399" per line: a language model trained on it
-    learns the answer format (and some arithmetic)."""
-    return "".join(f"{p['prompt']}{p['answer']}\n" for p in problems)
-
-
-def pass_at_k(samples: int, correct: int, k: int) -> float:
-    """The chance that at least one of k answers drawn without replacement from `samples` answers, `correct`
-    of them right, is right: 1 - C(samples - correct, k) / C(samples, k), the unbiased estimator of Chen et
-    al. (2021)."""
-    if not 0 <= correct <= samples or not 1 <= k <= samples:
-        raise ValueError(f"need 0 <= correct <= samples and 1 <= k <= samples, got {samples}, {correct}, {k}")
-    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
-
-
-def exact_answer_reward(tokenizer: Tokenizer, end: int) -> Callable:
-    """reward(examples, responses) -> (rows,): 1.0 where a response, without its end token and surrounding
-    spaces, is the example's answer (examples are (prompt ids, answer)), else 0.0."""
-    def reward(examples: Sequence, responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        return torch.tensor([float(tokenizer.decode([t for t in response if t != end]).strip() == answer)
-                             for (_, answer), response in zip(examples, responses)])
-    return reward
-
-
-def rl_examples(cfg: FinetuneConfig, tokenizer: Tokenizer, records: Sequence) -> list[tuple[list[int], object]]:
-    """(prompt ids, what the reward needs) for each record: arithmetic problems with their answers, or
-    instruction records in the Alpaca prompt with the records themselves."""
-    if cfg.data == "arithmetic":
-        return [(tokenizer.encode(p["prompt"]), p["answer"]) for p in records]
-    return [(tokenizer.encode(alpaca_prompt(r)), r) for r in records]
-
-
-def rl_reward(cfg: FinetuneConfig, tokenizer: Tokenizer) -> Callable:
-    """The run's reward function: exact answers for the arithmetic data, else the reward model of cfg.reward."""
-    if cfg.data == "arithmetic":
-        if cfg.reward != "exact-answer":
-            raise ConfigError("reward", "the arithmetic data are scored by exact-answer")
-        return exact_answer_reward(tokenizer, response_end(tokenizer))
-    if not (Path(cfg.reward) / CHECKPOINT_POINTER).is_file():
-        raise ConfigError("reward", f"{cfg.reward!r} is not the folder of a reward run (with {CHECKPOINT_POINTER})")
-    model, reward_tokenizer, reward_cfg = load_finetuned(cfg.reward)
-    if reward_cfg.task != "reward" or reward_tokenizer.n_vocab != tokenizer.n_vocab:
-        raise ConfigError("reward", f"{cfg.reward} must hold a reward run with the policy's tokenizer")
-    return reward_model_reward(model, cfg.context_length)
-
-
-def rl_rollouts(cfg: FinetuneConfig, tokenizer: Tokenizer, splits: dict[str, list],
-                reference: nn.Module | None) -> Rollouts:
-    """The prompts of the task's train and validation splits, and the reward, as a Rollouts."""
-    return Rollouts(rl_examples(cfg, tokenizer, splits["train"]), rl_examples(cfg, tokenizer, splits["val"]),
-                    rl_reward(cfg, tokenizer), response_end(tokenizer), cfg, reference, tokenizer.n_vocab)

@@ -14,31 +14,36 @@ import torch.nn.functional as F
 from ch03_gpt_model.gpt import GPTConfig, GPTModel
 from ch04_pretraining.pretraining import ConfigError, TrainConfig, read_metrics, train
 from ch05_finetuning.finetuning import (
-    DPOPolicy,
     FinetuneConfig,
+    finetune,
+    finetune_preset,
+    load_base,
+    load_finetuned,
+    model_settings_of,
+)
+from ch05_finetuning.preferences import (
+    DPOPolicy,
+    dpo_loss,
+    kl_divergence,
+    preference_batch,
+    ranked_right,
+    sequence_logprobs,
+    token_logprobs,
+    win_rate,
+)
+from ch05_finetuning.rl import (
     PolicyGradient,
     Rollouts,
     arithmetic_splits,
     arithmetic_text,
     clipped_policy_loss,
     cut_at,
-    dpo_loss,
     exact_answer_reward,
-    finetune,
-    finetune_preset,
     gae_advantages,
     group_advantages,
-    kl_divergence,
     kl_estimate,
-    load_base,
-    load_finetuned,
-    model_settings_of,
     pass_at_k,
-    preference_batch,
-    sequence_logprobs,
-    token_logprobs,
     whiten,
-    win_rate,
 )
 from shared.data import fetch
 
@@ -105,6 +110,14 @@ def test_dpo_loss_and_its_logged_rewards_equal_trls_on_the_same_log_probabilitie
     assert stats["accuracy"] == pytest.approx(logged["rewards/accuracies"])
 
 
+def test_a_tie_counts_half_in_the_accuracy_of_a_ranking():
+    assert ranked_right(torch.tensor([1.0, -1.0, 0.0, 0.0])) == 0.5
+    assert ranked_right(torch.tensor([2.0, 0.0])) == 0.75
+    logps = torch.tensor([-3.0, -5.0])
+    stats = dpo_loss(logps[:1], logps[1:], logps[:1], logps[1:], beta=0.1)[1]     # the policy is the reference
+    assert stats["margin"] == 0.0 and stats["accuracy"] == 0.5                    # every pair ties: a coin, not 0%
+
+
 def test_dpo_policy_is_the_language_model_and_its_loss_is_dpo_loss():
     model = tiny_gpt(seed=3)
     policy = DPOPolicy(model, beta=0.5).eval()
@@ -129,7 +142,7 @@ def gpt2_vocab_base(tmp_path_factory) -> Path:
 def test_dpo_starts_at_log_2_with_the_reference_and_moves_the_margin(gpt2_vocab_base, tmp_path):
     records = json.loads(fetch("instruction-preference").read_text(encoding="utf-8"))[:16]   # 14 / 1 / 1
     (tmp_path / "pairs.json").write_text(json.dumps(records), encoding="utf-8")
-    cfg = FinetuneConfig(task="dpo", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base), batch_size=4,
+    cfg = FinetuneConfig.for_task("dpo", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base), batch_size=4,
                          max_steps=6, eval_interval=3, eval_iters=1, lr=1e-3, min_lr=1e-3, beta=0.5,
                          out_dir=str(tmp_path / "dpo"))
     result = finetune(cfg, **QUIET)
@@ -154,7 +167,7 @@ def test_dpo_preset_and_config_checks():
                                                                   "instruction-preference")
     for bad in (0, -0.1, float("nan"), True):
         with pytest.raises(ConfigError, match="beta"):
-            FinetuneConfig(task="dpo", beta=bad)
+            FinetuneConfig.for_task("dpo", beta=bad)
 
 
 # ---- GRPO and PPO -----------------------------------------------------------------------------------------
@@ -284,7 +297,7 @@ def test_rl_refuses_a_prompt_that_leaves_no_room_and_a_reward_model_that_does_no
         finetune(dataclasses.replace(cfg, max_new_tokens=5, reward=str(tmp_path)), **QUIET)
     for bad in (dict(group_size=1), dict(iterations=0), dict(temperature=0.0), dict(kl_coef=-1.0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
-            FinetuneConfig(task="grpo", **bad)
+            FinetuneConfig.for_task("grpo", **bad)
 
 
 def test_rollouts_sample_groups_in_prompt_order(arithmetic_base):
@@ -293,9 +306,8 @@ def test_rollouts_sample_groups_in_prompt_order(arithmetic_base):
                               model=model_settings_of(base.model), group_size=3)
     end = base.tokenizer.encode("\n")[0]
     prompts = [base.tokenizer.encode(p) for p in ["12+34=", "5+6=", "99+1="]]
-    data = Rollouts([(p, "0") for p in prompts], [(prompts[0], "46")], exact_answer_reward(base.tokenizer, end), end,
-                    cfg, vocab_size=base.tokenizer.n_vocab)
-    data.policy = PolicyGradient(base.model, 0.2, 0.0)
+    data = Rollouts([(p, "0") for p in prompts], [(prompts[0], "46")], PolicyGradient(base.model, 0.2, 0.0),
+                    exact_answer_reward(base.tokenizer, end), end, cfg, vocab_size=base.tokenizer.n_vocab)
     greedy = data.sample(prompts, "cpu", 3, 0.0)
     assert len(greedy) == 9 and all(greedy[3 * i] == greedy[3 * i + 1] == greedy[3 * i + 2] for i in range(3))
     for i, prompt in enumerate(prompts):                                    # each group answers its own prompt
@@ -351,9 +363,8 @@ def test_a_rollout_with_equal_rewards_teaches_nothing(arithmetic_base):
                               model=model_settings_of(base.model), group_size=4, batch_size=3)
     end = base.tokenizer.encode("\n")[0]
     prompts = [(base.tokenizer.encode(p), "0") for p in ["12+34=", "5+6=", "99+1="]]
-    data = Rollouts(prompts, prompts[:1], lambda examples, responses: torch.ones(len(responses)), end, cfg,
-                    vocab_size=base.tokenizer.n_vocab)
-    data.policy = PolicyGradient(base.model, 0.2, 0.0)
+    data = Rollouts(prompts, prompts[:1], PolicyGradient(base.model, 0.2, 0.0),
+                    lambda examples, responses: torch.ones(len(responses)), end, cfg, vocab_size=base.tokenizer.n_vocab)
     x, (y, advantages, old_logps, reference_logps, returns) = data.rollout(prompts, "cpu")
     assert x.shape[0] == 12 and torch.equal(advantages, torch.zeros(12)) and reference_logps.numel() == 0
     assert data.rollout_stats[-1]["equal_groups"] == 1.0 and data.rollout_stats[-1]["reward"] == 1.0
@@ -364,10 +375,10 @@ def test_a_rollout_with_equal_rewards_teaches_nothing(arithmetic_base):
 def test_grpo_learns_from_a_reward_model_run(gpt2_vocab_base, tmp_path):
     records = json.loads(fetch("instruction-preference").read_text(encoding="utf-8"))[:16]
     (tmp_path / "pairs.json").write_text(json.dumps(records), encoding="utf-8")
-    reward = FinetuneConfig(task="reward", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base),
+    reward = FinetuneConfig.for_task("reward", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base),
                             batch_size=4, max_steps=2, eval_interval=2, eval_iters=1, out_dir=str(tmp_path / "reward"))
     finetune(reward, **QUIET)
-    cfg = FinetuneConfig(task="grpo", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base),
+    cfg = FinetuneConfig.for_task("grpo", data=str(tmp_path / "pairs.json"), base=str(gpt2_vocab_base),
                          reward=str(tmp_path / "reward"), batch_size=2, group_size=2, max_new_tokens=3, max_steps=2,
                          eval_interval=2, eval_iters=1, kl_coef=0.1, out_dir=str(tmp_path / "grpo"))
     finetune(cfg, **QUIET)

@@ -6,7 +6,7 @@ import sys
 import time
 import urllib.error
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -18,50 +18,58 @@ from ch01_tokenization.tokenization import TiktokenTokenizer
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel
 from ch04_pretraining.pretraining import ConfigError, read_metrics, train
 from ch05_finetuning.__main__ import parse_args
-from ch05_finetuning.finetuning import (
+from ch05_finetuning.classification import (
     BagOfWords,
-    ExampleBatches,
-    FinetuneConfig,
-    LoRALinear,
-    RewardModel,
     SequenceClassifier,
     accuracy,
-    alpaca_prompt,
-    apply_lora,
     balanced_split,
-    bradley_terry_loss,
-    bucketed_order,
     classify,
     confusion_matrix,
+    last_token_index,
+    pad_batch,
+    read_sms_spam,
+    train_last_blocks,
+    wilson_interval,
+)
+from ch05_finetuning.finetuning import (
+    ExampleBatches,
+    FinetuneConfig,
+    bucketed_order,
     count_parameters,
-    dpo_loss,
     finetune,
     finetune_preset,
-    instruction_batch,
-    judge_scores,
-    last_token_index,
     load_base,
     load_finetuned,
+    padded_tokens,
+    training_memory_bytes,
+    wrap_for_task,
+)
+from ch05_finetuning.instructions import (
+    alpaca_prompt,
+    instruction_batch,
+    judge_scores,
+    rouge_l,
+    split_records,
+    tokenize_instruction,
+    truncated,
+)
+from ch05_finetuning.lora import (
+    LoRALinear,
+    apply_lora,
     load_peft_adapter,
     lora_layers,
     lora_targets,
     merge_lora,
-    pad_batch,
-    padded_tokens,
+    save_peft_adapter,
+)
+from ch05_finetuning.preferences import (
+    RewardModel,
+    bradley_terry_loss,
+    dpo_loss,
     preference_accuracy,
     preference_batch,
-    read_sms_spam,
     reward_batch,
-    rouge_l,
-    save_peft_adapter,
     sequence_logprobs,
-    split_records,
-    tokenize_instruction,
-    train_last_blocks,
-    training_memory_bytes,
-    truncated,
-    wilson_interval,
-    wrap_for_task,
 )
 from shared.data import DataUnavailableError, fetch
 
@@ -383,7 +391,7 @@ def test_load_base_offline_says_where_to_put_gpt2(monkeypatch, tmp_path):
 def spam_config(tmp_path, **changes) -> FinetuneConfig:
     settings = dict(task="classify", data="sms-spam", base="tiny", batch_size=8, max_steps=8, eval_interval=4,
                     eval_iters=2, log_interval=2, lr=1e-3, min_lr=1e-3, out_dir=str(tmp_path / "run"))
-    return FinetuneConfig(**{**settings, **changes})
+    return FinetuneConfig.for_task(**{**settings, **changes})
 
 
 def test_finetune_config_refuses_bad_settings(tmp_path):
@@ -422,7 +430,7 @@ def test_classifier_finetuning_learns_resumes_exactly_and_reloads(hf_base, tmp_p
 
 def test_lora_instruction_finetuning_runs_by_epochs_and_masks(hf_base, tmp_path):
     base = load_base(str(hf_base))
-    cfg = FinetuneConfig(task="instruct", data="instruction-data", base=str(hf_base), batch_size=8, epochs=0.05,
+    cfg = FinetuneConfig.for_task("instruct", data="instruction-data", base=str(hf_base), batch_size=8, epochs=0.05,
                          eval_interval=3, eval_iters=1, lora_rank=2, lora_alpha=4, mask_prompt=True, lr=1e-3,
                          min_lr=1e-3, out_dir=str(tmp_path / "instruct"))
     result = finetune(cfg, base=base, **QUIET)
@@ -543,7 +551,7 @@ def test_a_base_without_an_end_token_is_refused_for_either_task(tmp_path):
                            out_dir=str(tmp_path / "char"))
     train(char_run, **QUIET)
     for task in ("classify", "instruct"):
-        cfg = FinetuneConfig(task=task, data="sms-spam" if task == "classify" else "instruction-data",
+        cfg = FinetuneConfig.for_task(task, data="sms-spam" if task == "classify" else "instruction-data",
                              base=char_run.out_dir, out_dir=str(tmp_path / task))
         with pytest.raises(ConfigError, match="end-of-text token"):
             finetune(cfg, **QUIET)
@@ -575,7 +583,8 @@ def test_dpo_loss_on_a_hand_computed_case():
 def test_dpo_loss_is_log_2_when_the_policy_is_the_reference_and_counts_ranked_pairs():
     logps = torch.randn(6)
     loss, stats = dpo_loss(logps[:3], logps[3:], logps[:3], logps[3:], beta=0.5)
-    assert loss.item() == pytest.approx(math.log(2)) and stats["margin"] == 0 and stats["accuracy"] == 0
+    assert loss.item() == pytest.approx(math.log(2)) and stats["margin"] == 0
+    assert stats["accuracy"] == 0.5                                   # every pair ties: half right, not none
     loss, stats = dpo_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.0]), torch.zeros(2), torch.zeros(2), 1.0)
     assert stats["accuracy"] == 0.5
 
@@ -613,7 +622,7 @@ def test_reward_model_scores_rows_and_its_loss_is_bradley_terry():
 
 def test_reward_model_trains_from_an_instruct_run_with_lora(hf_base, tmp_path):
     base = load_base(str(hf_base))
-    sft = FinetuneConfig(task="instruct", data="instruction-data", base=str(hf_base), batch_size=8, max_steps=2,
+    sft = FinetuneConfig.for_task("instruct", data="instruction-data", base=str(hf_base), batch_size=8, max_steps=2,
                          eval_interval=2, eval_iters=1, lora_rank=2, lora_alpha=4, out_dir=str(tmp_path / "sft"))
     tuned = finetune(sft, base=base, **QUIET)["model"].eval()
     as_base = load_base(str(tmp_path / "sft"))                # LoRA merged: the same model, plain weights
@@ -621,7 +630,7 @@ def test_reward_model_trains_from_an_instruct_run_with_lora(hf_base, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(as_base.model.eval()(ids), tuned(ids), rtol=0, atol=1e-5)
-    cfg = FinetuneConfig(task="reward", data="instruction-preference", base=str(tmp_path / "sft"), batch_size=4,
+    cfg = FinetuneConfig.for_task("reward", data="instruction-preference", base=str(tmp_path / "sft"), batch_size=4,
                          max_steps=4, eval_interval=2, eval_iters=1, lr=1e-3, min_lr=1e-3,
                          out_dir=str(tmp_path / "reward"))
     result = finetune(cfg, **QUIET)
@@ -631,3 +640,36 @@ def test_reward_model_trains_from_an_instruct_run_with_lora(hf_base, tmp_path):
     with pytest.raises(ConfigError, match="language model"):
         load_base(str(tmp_path / "reward"))
     assert finetune_preset("reward", "gpu").base == "runs/instruct"
+
+
+# ---- the tasks' configs ------------------------------------------------------------------------------------
+
+def test_every_task_has_a_config_class_and_a_saved_config_comes_back_as_it():
+    assert set(FinetuneConfig.TASKS) == {"classify", "instruct", "reward", "dpo", "grpo", "ppo"}
+    for task, config_class in FinetuneConfig.TASKS.items():
+        cfg = finetune_preset(task, "cpu")
+        assert type(cfg) is config_class and cfg.task == task
+        assert FinetuneConfig.from_dict(asdict(cfg)) == cfg
+    assert "beta" not in {f.name for f in fields(finetune_preset("classify", "cpu"))}
+    assert "train_blocks" in {f.name for f in fields(finetune_preset("reward", "cpu"))}
+
+
+def test_a_config_of_the_wrong_class_or_an_unknown_task_is_refused():
+    from ch05_finetuning.instructions import InstructConfig
+
+    with pytest.raises(ConfigError, match="task: must be one of classify, instruct"):
+        FinetuneConfig.for_task("summarise")
+    with pytest.raises(ConfigError, match="task: a InstructConfig is not for dpo"):
+        InstructConfig(task="dpo")
+    with pytest.raises(ConfigError, match="the saved run's task 'summarise'"):
+        FinetuneConfig.from_dict({"task": "summarise"})
+
+
+def test_respond_all_gives_each_prompt_the_answer_it_gets_alone():
+    from ch05_finetuning.instructions import respond, respond_all
+
+    model, tokenizer = tiny_gpt(seed=4).eval(), TiktokenTokenizer("gpt2")
+    prompts = ["Hello", "A much longer prompt, with several more words in it", "Why?", "One two three four"]
+    together = respond_all(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert together == [respond(model, tokenizer, prompt, max_new_tokens=6) for prompt in prompts]
+    assert all(isinstance(answer, str) for answer in together)
