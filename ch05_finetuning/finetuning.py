@@ -5,13 +5,16 @@
 then preferences (a reward model, DPO) and rewards (GRPO and PPO). The chapter's modules, one idea each:
 
 - `finetuning` (this one): what every task shares. Base models (`load_base`: OpenAI's GPT-2, a chapter-4 run,
-  a Hugging Face GPT-2 folder, an instruct run); `FinetuneConfig`, the settings every task has, which each task
-  extends with its own (`FinetuneConfig.TASKS`); `ExampleBatches`, a task's examples as chapter 4's training
-  loop sees them; `finetune`, `load_finetuned`, `finetune_preset`, `training_memory_bytes`.
+  a Hugging Face GPT-2 folder, an instruct run; `pretrain_small_base`, the cpu scale's own); `FinetuneConfig`,
+  the settings every task has, which each task extends with its own (`FinetuneConfig.TASKS`);
+  `ExampleBatches`, a task's examples as chapter 4's training loop sees them; `finetune`, `load_finetuned`,
+  `finetune_preset`, `training_memory_bytes`, `split_records`.
+- `checkable`: six families of tasks with checkable answers (`checkable_records`), their skills as sentences
+  (`skill_text`), `exact_match`.
 - `classification`: SMS spam, `SequenceClassifier` (read at the last real token), `classify`, `accuracy`,
   `wilson_interval`, `BagOfWords`; `ClassifyConfig`.
 - `lora`: `LoRALinear`, `apply_lora`, `merge_lora`, `save_peft_adapter`, `load_peft_adapter`.
-- `instructions`: `split_records`, `alpaca_prompt`, `tokenize_instruction`, `instruction_batch`, `respond`,
+- `instructions`: `alpaca_prompt`, `tokenize_instruction`, `instruction_batch`, `respond`,
   `answer_records`, `rouge_l`, `judge_scores`; `InstructConfig`.
 - `preferences`: log-probabilities of responses, `bradley_terry_loss`, `dpo_loss`, `RewardModel`, `DPOPolicy`,
   `DPOPairs`, `win_rate`; `RewardConfig`, `DPOConfig`.
@@ -24,6 +27,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,26 +35,32 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from ch01_tokenization.tokenization import TiktokenTokenizer, Tokenizer
+from ch01_tokenization.tokenization import BPETokenizer, TiktokenTokenizer, Tokenizer
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, saved_activation_bytes
 from ch04_pretraining.pretraining import (
     CHECKPOINT_POINTER,
     CONFIG_FILE,
+    METRICS_FILE,
     TOKENIZER_FILE,
     ConfigError,
     TrainConfig,
+    checkpoint_paths,
     distributed_context,
     load_checkpoint,
     load_run,
     load_weights,
     run_training,
+    train,
 )
 from shared.config import knob
-from shared.data import REGISTRY, fetch
+from shared.data import REGISTRY, REPO_ROOT, fetch, read_text
 from shared.device import Precision, autocast
+from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
+from ch05_finetuning.checkable import CHECKABLE_TASKS, checkable_records, skill_text
 from ch05_finetuning.lora import apply_lora, merge_lora
 
 
@@ -112,6 +122,67 @@ def model_settings_of(model: nn.Module) -> dict:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameters of `model`, each tensor once (a tied weight counts once); optionally only the trainable."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+SMALL_BASE = REPO_ROOT / "shared" / "fixtures" / "ch05-small-base"   # the copy that ships with the book
+SMALL_BASE_MODEL = dict(n_layer=4, n_head=4, n_embd=128, context_length=256)
+
+
+def split_records(records: Sequence, sizes: tuple[int, int] = (935, 55), seed: int = 123) -> dict[str, list]:
+    """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}."""
+    if sum(sizes) >= len(records):
+        raise ValueError(f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    return {"train": shuffled[:sizes[0]], "val": shuffled[sizes[0]:sum(sizes)], "test": shuffled[sum(sizes):]}
+
+
+def split_by_share(records: Sequence) -> dict[str, list]:
+    """`split_records` at 85/5/10 of however many records there are."""
+    return split_records(records, (round(0.85 * len(records)), round(0.05 * len(records))))
+
+
+def small_base_text(statements: int = 150_000, seed: int = 11) -> str:
+    """The small base's pretraining text: Tiny Shakespeare and The Verdict, cut into paragraphs, shuffled
+    (seeded) together with paragraphs of 20 skill sentences (`skill_text`), none of them about an input of the
+    validation or test records of `checkable_records`."""
+    held_out = {r["subject"] for name in ("val", "test") for r in split_by_share(checkable_records())[name]}
+    lines = skill_text(statements, held_out, seed).split("\n")
+    english = (read_text("tinyshakespeare") + "\n\n" + read_text("the-verdict")).split("\n\n")
+    paragraphs = english + ["\n".join(lines[i:i + 20]) for i in range(0, len(lines), 20)]
+    random.Random(seed).shuffle(paragraphs)
+    return "\n\n".join(paragraphs)
+
+
+def pretrain_small_base(out_dir: str | Path, steps: int = 6000, vocab_size: int = 4096, statements: int = 150_000,
+                        log: Callable[[str], None] | None = None) -> Path:
+    """Pretrain the small base with chapter 4's `train`: a BPE of `vocab_size` tokens learned from
+    `small_base_text(statements)` (chapter 1's trainer), a 4-layer GPT, `steps` steps of 8 × 256 tokens.
+    Writes the run into OUT_DIR/run, and the base into OUT_DIR itself: the last checkpoint's weights in
+    bfloat16, without the optimizer's state (the base is for finetuning, not for resuming), the config, the
+    tokenizer and the metrics. Returns OUT_DIR."""
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text_path, tokenizer_path = run_dir / "text.txt", run_dir / "bpe.json"
+    text = small_base_text(statements)
+    text_path.write_text(text, encoding="utf-8")
+    BPETokenizer().train(text, vocab_size, special_tokens=["<|endoftext|>"]).save(tokenizer_path)
+    cfg = TrainConfig(data=str(text_path), tokenizer=str(tokenizer_path), model=SMALL_BASE_MODEL, batch_size=8,
+                      max_steps=steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(100, steps // 10),
+                      eval_interval=max(1, steps // 20), eval_iters=10, out_dir=str(run_dir))
+    train(cfg, progress=False, log=log or (lambda message: None))
+    weights, state = load_checkpoint(run_dir)
+    step = state["step"]
+    weights_path, state_path = checkpoint_paths(out_dir, step)
+    half = {name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}
+    atomic_write(weights_path, lambda tmp: save_file(half, tmp))          # each file whole, or not at all
+    atomic_write(state_path, lambda tmp: torch.save({"step": step, "config": state["config"]}, tmp))
+    for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE):
+        atomic_write(out_dir / name, lambda tmp, name=name: shutil.copyfile(run_dir / name, tmp))
+    pointer = json.dumps({"step": step, "weights": weights_path.name, "state": state_path.name})
+    atomic_write(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))    # last: the base is ready
+    return out_dir
 
 
 # ---- Finetuning with chapter 4's training loop -----------------------------------------------------------
@@ -234,7 +305,10 @@ class FinetuneConfig(TrainConfig):
         return path
 
     def read_records(self, needed: set[str]) -> list[dict]:
-        """The JSON list of records in `data`, each holding the keys `needed`; a ConfigError naming the file."""
+        """The JSON list of records in `data`, each holding the keys `needed`, or the generated `checkable-tasks`
+        records (section 5); a ConfigError naming the file."""
+        if self.data == CHECKABLE_TASKS:
+            return checkable_records()
         path = self.data_path()
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
@@ -430,23 +504,27 @@ def training_memory_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 
 DPO_CPU_LR = 1e-4
-RL_LR, RL_CPU_STEPS = 3e-4, 2000
+RL_LR, RL_CPU_STEPS = 3e-4, 1000
 
 
 def finetune_preset(task: str, scale: str = "gpu", base: str | None = None) -> FinetuneConfig:
     """The recipe of a task at a scale. gpu: OpenAI's GPT-2 124M for spam (every layer trained, 5 epochs) and
     GPT-2 355M for instructions (2 epochs), AdamW at a constant 5e-5 with weight decay 0.1, batches of 8, as
     in Raschka's chapters 6 and 7; a reward model starts from the instruct run's folder, for one epoch. cpu
-    (2 epochs, a warm-up then cosine decay from 5e-4, or 2e-3 for instructions) and smoke are for the small
-    bases a CPU can train; give them `base`."""
+    (2 epochs, a warm-up then cosine decay from 5e-4) and smoke are for small bases: section 1's
+    (`SMALL_BASE`) unless `base` names another, with the checkable tasks as instruction and preference data."""
     if task not in FinetuneConfig.TASKS:
         raise ConfigError("task", f"must be one of {', '.join(FinetuneConfig.TASKS)}, got {task!r}")
     rl_task = task in ("grpo", "ppo")
     classify_task = task in ("classify", "reward")
-    default_base = {"classify": "gpt2", "instruct": "gpt2-medium" if scale == "gpu" else "gpt2",
+    on_gpu = scale == "gpu"
+    default_base = {"classify": "gpt2" if on_gpu else str(SMALL_BASE),
+                    "instruct": "gpt2-medium" if on_gpu else str(SMALL_BASE),
                     "reward": "runs/instruct", "dpo": "runs/instruct",         # (where an instruct run goes)
                     "grpo": "runs/arithmetic-sft", "ppo": "runs/arithmetic-sft"}[task]
     common = dict(base=base or default_base, out_dir=f"runs/{task}", batch_size=8, weight_decay=0.1)
+    if not on_gpu and task in ("instruct", "reward", "dpo"):
+        common["data"] = CHECKABLE_TASKS            # what a small base can learn (section 5)
     if rl_task:
         steps = {"smoke": 4, "cpu": RL_CPU_STEPS, "gpu": 4 * RL_CPU_STEPS}.get(scale)
         if steps is None:
@@ -465,8 +543,7 @@ def finetune_preset(task: str, scale: str = "gpu", base: str | None = None) -> F
         return FinetuneConfig.for_task(task, **common, epochs=1.0, lr=DPO_CPU_LR, min_lr=DPO_CPU_LR / 10,
                                        warmup_steps=10, beta=0.1, eval_interval=20)
     if scale == "cpu":
-        lr = 5e-4 if classify_task else 2e-3
-        return FinetuneConfig.for_task(task, **common, epochs=2.0, lr=lr, min_lr=lr / 10, warmup_steps=10,
+        return FinetuneConfig.for_task(task, **common, epochs=2.0, lr=5e-4, min_lr=5e-5, warmup_steps=10,
                                        eval_interval=40)
     if scale == "smoke":
         return FinetuneConfig.for_task(task, **common, max_steps=6, lr=1e-3, min_lr=1e-3, eval_interval=3,

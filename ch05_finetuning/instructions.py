@@ -5,7 +5,6 @@
 targets (the prompt optionally masked), greedy answers (`respond`, `answer_records`), ROUGE-L, an optional LLM
 judge, and `InstructConfig`, the instruct task's settings."""
 import json
-import random
 import re
 import urllib.error
 import urllib.request
@@ -22,16 +21,8 @@ from ch03_gpt_model.gpt import generate, left_pad
 from shared.config import knob
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
-from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, end_token
-
-
-def split_records(records: Sequence, sizes: tuple[int, int] = (935, 55), seed: int = 123) -> dict[str, list]:
-    """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}."""
-    if sum(sizes) >= len(records):
-        raise ValueError(f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
-    shuffled = list(records)
-    random.Random(seed).shuffle(shuffled)
-    return {"train": shuffled[:sizes[0]], "val": shuffled[sizes[0]:sum(sizes)], "test": shuffled[sum(sizes):]}
+from ch05_finetuning.checkable import exact_match
+from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, end_token, split_by_share
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -82,8 +73,9 @@ def truncated(examples: Sequence[tuple[list[int], list[int]]], max_length: int) 
 class InstructConfig(FinetuneConfig, tasks=("instruct",)):
     """The instruct task: next-token training on Alpaca-format instruction records, the prompt optionally masked."""
 
-    data: str = knob("instruction-data", "instruction-data (registered), or a JSON list of records with "
-                                         "instruction, input and output")
+    data: str = knob("instruction-data", "instruction-data (registered), checkable-tasks (generated, with answers "
+                                         "a program checks), or a JSON list of records with instruction, input "
+                                         "and output")
     mask_prompt: bool = knob(False, "leave the prompt's tokens out of the loss, learning the responses only")
 
     SAME_RUN_FIELDS = FinetuneConfig.SAME_RUN_FIELDS + ("mask_prompt",)
@@ -105,11 +97,6 @@ class InstructConfig(FinetuneConfig, tasks=("instruct",)):
         return save_test_answers(model, tokenizer, test, Path(self.out_dir))
 
 
-def split_by_share(records: Sequence) -> dict[str, list]:
-    """`split_records` at 85/5/10 of however many records there are."""
-    return split_records(records, (round(0.85 * len(records)), round(0.05 * len(records))))
-
-
 def save_test_answers(model: nn.Module, tokenizer: Tokenizer, test: Sequence[dict], out_dir: Path) -> str:
     """Write the model's greedy answers to the test records, with their ROUGE-L, to OUT_DIR/test-responses.json,
     and say where and how they score."""
@@ -118,7 +105,10 @@ def save_test_answers(model: nn.Module, tokenizer: Tokenizer, test: Sequence[dic
     text = json.dumps(answers, indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     mean = sum(a["rouge_l"] for a in answers) / len(answers)
-    return f"{len(answers)} test answers in {path}; mean ROUGE-L {mean:.3f}"
+    report = f"{len(answers)} test answers in {path}; mean ROUGE-L {mean:.3f}"
+    if all("task" in a for a in answers):                   # checkable tasks: the share exactly right
+        report += f"; exactly right {exact_match(answers)['all']:.1%}"
+    return report
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ from ch05_finetuning.classification import (
     train_last_blocks,
     wilson_interval,
 )
-from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, count_parameters, end_token
-from ch05_finetuning.instructions import alpaca_prompt, instruction_batch, save_test_answers, split_by_share
+from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, count_parameters, end_token, split_by_share
+from ch05_finetuning.instructions import alpaca_prompt, instruction_batch, save_test_answers
 
 
 def preference_example(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int], list[int]]:
@@ -110,6 +110,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
                   "margin": margin.mean().item(), "accuracy": ranked_right(margin)}
 
 
+def chosen_nll(logps: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Minus the log-likelihood of the chosen responses per token, from the sequence log-probabilities (2 · batch,)
+    of a `preference_batch` and its targets y (2 · batch, seq): the term RPO (Pang et al., 2024) adds to DPO's
+    loss, trl's `sft` loss type. It keeps the chosen responses likely while DPO widens the margin."""
+    half = len(logps) // 2
+    return -logps[:half].sum() / (y[:half] != ignore_index).sum().clamp(min=1)
+
+
 def ranked_right(margin: torch.Tensor) -> float:
     """The fraction of pairs whose margin (chosen minus rejected score, (pairs,)) is positive, a tie counting half:
     a judge that cannot tell two responses apart is right half the time, not never."""
@@ -164,8 +172,9 @@ class RewardConfig(ClassifyConfig, tasks=("reward",)):
     """The reward task: a `RewardModel` trained on preference pairs so that chosen responses score above
     rejected ones (the Bradley-Terry loss)."""
 
-    data: str = knob("instruction-preference", "instruction-preference (registered), or a JSON list of records "
-                                               "with instruction, input, output, chosen and rejected")
+    data: str = knob("instruction-preference", "instruction-preference (registered), checkable-tasks (right "
+                                               "answers chosen over wrong ones), or a JSON list of records with "
+                                               "instruction, input, output, chosen and rejected")
 
     def read_data(self) -> dict[str, list]:
         """The records split 85/5/10 with a fixed seed, as the instruct task splits its own."""
@@ -202,11 +211,11 @@ class DPOPolicy(nn.Module):
     """A language model being trained with DPO. Without targets it is the language model, (batch, seq) ids ->
     logits (batch, seq, vocab), so it generates like any other. Given targets (y, reference log-probs) for a
     `preference_batch` of ids (2 · batch, seq), y its targets and the reference's sequence log-probabilities of
-    the same rows (2 · batch,), it returns `dpo_loss`."""
+    the same rows (2 · batch,), it returns `dpo_loss`, plus `sft_weight` × `chosen_nll` (RPO) when that is set."""
 
-    def __init__(self, policy: nn.Module, beta: float):
+    def __init__(self, policy: nn.Module, beta: float, sft_weight: float = 0.0):
         super().__init__()
-        self.policy, self.beta, self.cfg = policy, beta, policy.cfg
+        self.policy, self.beta, self.sft_weight, self.cfg = policy, beta, sft_weight, policy.cfg
 
     def forward(self, idx: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if targets is None:
@@ -214,7 +223,8 @@ class DPOPolicy(nn.Module):
         y, reference = targets
         logps = sequence_logprobs(self.policy, idx, y)
         half = len(logps) // 2
-        return dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], self.beta)[0]
+        loss = dpo_loss(logps[:half], logps[half:], reference[:half], reference[half:], self.beta)[0]
+        return loss + self.sft_weight * chosen_nll(logps, y) if self.sft_weight else loss
 
     def num_parameters(self) -> int:
         return count_parameters(self)
@@ -309,21 +319,24 @@ def win_rate(rewards: torch.Tensor, other_rewards: torch.Tensor) -> float:
 class DPOConfig(FinetuneConfig, tasks=("dpo",)):
     """The dpo task: direct preference optimisation of a language model against a frozen copy of itself."""
 
-    data: str = knob("instruction-preference", "instruction-preference (registered), or a JSON list of records "
-                                               "with instruction, input, output, chosen and rejected")
+    data: str = knob("instruction-preference", "instruction-preference (registered), checkable-tasks (right "
+                                               "answers chosen over wrong ones), or a JSON list of records with "
+                                               "instruction, input, output, chosen and rejected")
     beta: float = knob(0.1, "how far the policy may move from the reference; the implicit reward is beta × the "
                             "log-probability ratio")
+    sft_weight: float = knob(0.0, "weight of the chosen responses' negative log-likelihood per token added to the "
+                                  "loss (RPO; trl's loss_type ['sigmoid', 'sft']); 0: plain DPO")
 
-    SAME_RUN_FIELDS = FinetuneConfig.SAME_RUN_FIELDS + ("beta",)
+    SAME_RUN_FIELDS = FinetuneConfig.SAME_RUN_FIELDS + ("beta", "sft_weight")
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_settings({}, {"beta": True})
+        self.check_settings({}, {"beta": True, "sft_weight": False})
 
     read_data = RewardConfig.read_data
 
     def wrap(self, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-        return DPOPolicy(model, self.beta)
+        return DPOPolicy(model, self.beta, self.sft_weight)
 
     def batches(self, tokenizer, splits, model, reference) -> ExampleBatches:
         train, val = ([preference_example(tokenizer, r) for r in splits[name]] for name in ("train", "val"))

@@ -7,21 +7,30 @@ arithmetic with a checkable answer, and `RLConfig`, the settings of the grpo and
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ch01_tokenization.tokenization import Tokenizer
-from ch03_gpt_model.gpt import generate, output_weight
+from ch03_gpt_model.gpt import generate, left_pad, output_weight
 from ch04_pretraining.pretraining import CHECKPOINT_POINTER, ConfigError
 from shared.config import knob
 from shared.device import Precision, autocast, choose_precision
 # from this chapter's other modules (the exporter writes these imports):
+from ch05_finetuning.checkable import CHECKABLE_TASKS
 from ch05_finetuning.classification import wilson_interval
-from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, count_parameters, load_finetuned, to_device
-from ch05_finetuning.instructions import alpaca_prompt, instruction_batch, save_test_answers, split_by_share
+from ch05_finetuning.finetuning import (
+    ExampleBatches,
+    FinetuneConfig,
+    count_parameters,
+    load_finetuned,
+    model_settings_of,
+    split_by_share,
+    to_device,
+)
+from ch05_finetuning.instructions import alpaca_prompt, instruction_batch, save_test_answers
 from ch05_finetuning.preferences import reward_model_reward, token_logprobs
 
 
@@ -191,23 +200,17 @@ class Rollouts(ExampleBatches):
         self.generator, self.generator_state = None, None
 
     def sample(self, prompts: Sequence[Sequence[int]], device, samples: int, temperature: float) -> list[list[int]]:
-        """`samples` responses to each prompt (prompt-major), each cut after its end token; prompts of equal
-        length are sampled together."""
+        """`samples` responses to each prompt (prompt-major), each cut after its end token, all generated as one
+        batch padded on the left (chapter 3's `left_pad`): each row gets what its prompt would get alone."""
         if self.generator is None or self.generator.device != torch.device(device):
             self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
             if self.generator_state is not None:
                 self.generator.set_state(self.generator_state)
-        responses: list[list[int] | None] = [None] * (len(prompts) * samples)
-        by_length: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(i)
-        for length, members in by_length.items():
-            idx = torch.tensor([prompts[i] for i in members for _ in range(samples)], device=device)
-            out = generate(self.policy.policy, idx, self.cfg.max_new_tokens, temperature, eos_id=self.end,
-                           generator=self.generator if temperature else None, vocab_size=self.vocab_size)
-            for row, ids in enumerate(out[:, length:].tolist()):
-                responses[members[row // samples] * samples + row % samples] = cut_at(ids, self.end)
-        return responses
+        idx, mask = left_pad([list(prompt) for prompt in prompts for _ in range(samples)], self.end, device)
+        out = generate(self.policy.policy, idx, self.cfg.max_new_tokens, temperature, eos_id=self.end,
+                       generator=self.generator if temperature else None, vocab_size=self.vocab_size,
+                       attention_mask=mask)
+        return [cut_at(ids, self.end) for ids in out[:, idx.shape[1]:].tolist()]
 
     @torch.no_grad()
     def rollout(self, examples: Sequence, device) -> tuple[torch.Tensor, tuple]:
@@ -306,9 +309,11 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 
 def exact_answer_reward(tokenizer: Tokenizer, end: int) -> Callable:
     """reward(examples, responses) -> (rows,): 1.0 where a response, without its end token and surrounding
-    spaces, is the example's answer (examples are (prompt ids, answer)), else 0.0."""
+    spaces, is the example's answer, else 0.0. Examples are (prompt ids, answer): a string, or a checkable
+    record, whose answer is its output."""
     def reward(examples: Sequence, responses: Sequence[Sequence[int]]) -> torch.Tensor:
-        return torch.tensor([float(tokenizer.decode([t for t in response if t != end]).strip() == answer)
+        return torch.tensor([float(tokenizer.decode([t for t in response if t != end]).strip() ==
+                                   (answer if isinstance(answer, str) else answer["output"]))
                              for (_, answer), response in zip(examples, responses)])
     return reward
 
@@ -326,11 +331,12 @@ class RLConfig(FinetuneConfig, tasks=("grpo", "ppo")):
     """The grpo and ppo tasks: reinforcement learning from responses the policy samples and their rewards, by
     a checker (`exact-answer`, for the arithmetic data) or by a reward run's model."""
 
-    data: str = knob("arithmetic", "arithmetic (generated sums), or instruction-preference or a JSON list of "
-                                   "instruction records, whose prompts a reward model scores")
+    data: str = knob("arithmetic", "arithmetic (generated sums), checkable-tasks (section 5's generated tasks), "
+                                   "or instruction-preference or a JSON list of instruction records, whose "
+                                   "prompts a reward model scores")
     task: str = knob("grpo", "grpo (group advantages) or ppo (a value head and GAE)")
-    reward: str = knob("exact-answer", "what scores a response: exact-answer (1 if it is the sum, for the "
-                                       "arithmetic data) or the folder of a reward run")
+    reward: str = knob("exact-answer", "what scores a response: exact-answer (1 if it is the right answer, for "
+                                       "the arithmetic and checkable-tasks data) or the folder of a reward run")
     group_size: int = knob(8, "responses sampled per prompt (GRPO compares them with each other)")
     max_new_tokens: int = knob(8, "the longest sampled response, in tokens")
     temperature: float = knob(1.0, "sampling temperature of the responses")
@@ -354,12 +360,12 @@ class RLConfig(FinetuneConfig, tasks=("grpo", "ppo")):
                              "gae_lambda": False})
 
     def read_data(self) -> dict[str, list]:
-        """The arithmetic problems (`arithmetic_splits`), or instruction records split 85/5/10 for a reward model."""
+        """The arithmetic problems (`arithmetic_splits`), or instruction records split 85/5/10."""
         if self.data == "arithmetic":
             return arithmetic_splits()
-        if self.reward == "exact-answer":
-            raise ConfigError("reward", "exact-answer scores the arithmetic data; to learn from instruction prompts, "
-                                        "give the folder of a reward run")
+        if self.reward == "exact-answer" and self.data != CHECKABLE_TASKS:
+            raise ConfigError("reward", "exact-answer scores the arithmetic and checkable-tasks data; to learn from "
+                                        "other instruction prompts, give the folder of a reward run")
         return split_by_share(self.read_records({"instruction", "output"}))
 
     def wrap(self, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
@@ -371,10 +377,11 @@ class RLConfig(FinetuneConfig, tasks=("grpo", "ppo")):
                         model, self.rewarder(tokenizer), response_end(tokenizer), self, reference, tokenizer.n_vocab)
 
     def rewarder(self, tokenizer: Tokenizer) -> Callable:
-        """The run's reward function: exact answers for the arithmetic data, else the reward model of `reward`."""
-        if self.data == "arithmetic":
-            if self.reward != "exact-answer":
-                raise ConfigError("reward", "the arithmetic data are scored by exact-answer")
+        """The run's reward function: exact answers (the arithmetic data; checkable tasks, unless a reward run is
+        named), else the reward model of `reward`."""
+        if self.data == "arithmetic" and self.reward != "exact-answer":
+            raise ConfigError("reward", "the arithmetic data are scored by exact-answer")
+        if self.reward == "exact-answer":
             return exact_answer_reward(tokenizer, response_end(tokenizer))
         if not (Path(self.reward) / CHECKPOINT_POINTER).is_file():
             raise ConfigError("reward", f"{self.reward!r} is not the folder of a reward run (with "
@@ -392,9 +399,10 @@ class RLConfig(FinetuneConfig, tasks=("grpo", "ppo")):
         return model.policy
 
     def test_report(self, model, tokenizer, test) -> str:
-        rollouts = self.batches(tokenizer, self.read_data(), model, None)
+        trained = replace(self, model=model_settings_of(model.policy))       # the base's settings, as in the run
+        rollouts = trained.batches(tokenizer, trained.read_data(), model, None)
         rewards = rollouts.greedy_rewards(rl_examples(self, tokenizer, test), next(model.parameters()).device)
-        if self.data == "arithmetic":
+        if self.reward == "exact-answer":
             right = int(rewards.sum().item())
             low, high = wilson_interval(right, len(test))
             return (f"test exact-match accuracy {right / len(test):.1%} on {len(test)} problems (95% interval "

@@ -23,6 +23,7 @@ from ch05_finetuning.finetuning import (
 )
 from ch05_finetuning.preferences import (
     DPOPolicy,
+    chosen_nll,
     dpo_loss,
     kl_divergence,
     preference_batch,
@@ -75,10 +76,33 @@ def test_kl_divergence_is_exact_over_the_vocabulary():
     assert kl_divergence(p, p).abs().max() < 1e-6 and (kl_divergence(p, q) > 0).all()
 
 
-def test_dpo_loss_and_its_logged_rewards_equal_trls_on_the_same_log_probabilities():
+def trl_dpo_loss(per_token: torch.Tensor, completion: torch.Tensor, reference: torch.Tensor, beta: float,
+                 loss_types: list[str], loss_weights: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """trl's DPOTrainer loss on the same per-token log-probabilities (2 · pairs, seq), completion mask
+    (2 · pairs, seq + 1) and reference sequence log-probabilities, with what it logs."""
     trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    rows, seq = per_token.shape
+    pairs = rows // 2
+
+    def model(**kwargs):
+        zeros = torch.zeros(rows, seq)
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
+                           ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                           loss_types=loss_types, loss_weights=loss_weights, beta=beta, use_weighting=False,
+                           _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(rows, seq + 1, dtype=torch.long),
+              "attention_mask": torch.ones_like(completion), "completion_mask": completion,
+              "ref_chosen_logps": reference[:pairs], "ref_rejected_logps": reference[pairs:]}
+    loss = trainer.DPOTrainer._compute_loss(fake, model, inputs, False)
+    return loss, {name: values[-1] for name, values in fake._metrics["train"].items()}
+
+
+def random_preference_logprobs(pairs: int = 3, seq: int = 6, vocab: int = 11):
+    """(per-token log-probs, targets, completion mask, reference log-probs) of a made-up preference batch."""
     torch.manual_seed(2)
-    pairs, seq, vocab, beta = 3, 6, 11, 0.1
     logits = torch.randn(2 * pairs, seq, vocab)
     completion = torch.zeros(2 * pairs, seq + 1, dtype=torch.long)
     for row, start in enumerate([2, 3, 1, 2, 4, 3]):               # prompt lengths differ; the rest is response
@@ -86,28 +110,40 @@ def test_dpo_loss_and_its_logged_rewards_equal_trls_on_the_same_log_probabilitie
     y = torch.randint(0, vocab, (2 * pairs, seq)).masked_fill(completion[:, 1:] == 0, -100)
     per_token = token_logprobs(logits, y)
     reference = per_token.sum(-1) + torch.randn(2 * pairs)          # some other model's log-probabilities
+    return per_token, y, completion, reference
+
+
+def test_dpo_loss_and_its_logged_rewards_equal_trls_on_the_same_log_probabilities():
+    per_token, y, completion, reference = random_preference_logprobs()
+    pairs, beta = len(y) // 2, 0.1
     ours, stats = dpo_loss(per_token.sum(-1)[:pairs], per_token.sum(-1)[pairs:], reference[:pairs],
                            reference[pairs:], beta)
-
-    def model(**kwargs):
-        zeros = torch.zeros(2 * pairs, seq)
-        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-
-    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
-    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
-                           ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                           loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
-                           _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(2 * pairs, seq + 1, dtype=torch.long),
-              "attention_mask": torch.ones_like(completion), "completion_mask": completion,
-              "ref_chosen_logps": reference[:pairs], "ref_rejected_logps": reference[pairs:]}
-    theirs = trainer.DPOTrainer._compute_loss(fake, model, inputs, False)
-    logged = {name: values[-1] for name, values in fake._metrics["train"].items()}
+    theirs, logged = trl_dpo_loss(per_token, completion, reference, beta, ["sigmoid"], [1.0])
     torch.testing.assert_close(ours, theirs)
     assert stats["reward_chosen"] == pytest.approx(logged["rewards/chosen"], abs=1e-6)
     assert stats["reward_rejected"] == pytest.approx(logged["rewards/rejected"], abs=1e-6)
     assert stats["margin"] == pytest.approx(logged["rewards/margins"], abs=1e-6)
     assert stats["accuracy"] == pytest.approx(logged["rewards/accuracies"])
+
+
+def test_rpo_adds_the_chosen_responses_nll_as_trls_sft_loss_type_does():
+    per_token, y, completion, reference = random_preference_logprobs()
+    pairs, beta, weight = len(y) // 2, 0.1, 0.7
+    logps = per_token.sum(-1)
+    ours = dpo_loss(logps[:pairs], logps[pairs:], reference[:pairs], reference[pairs:], beta)[0] + \
+        weight * chosen_nll(logps, y)
+    theirs, _ = trl_dpo_loss(per_token, completion, reference, beta, ["sigmoid", "sft"], [1.0, weight])
+    torch.testing.assert_close(ours, theirs)
+    model = tiny_gpt(seed=3)
+    examples = [([1, 2, 3], [4, 50256], [5, 6, 50256]), ([7], [8, 9, 50256], [10, 50256])]
+    x, y = preference_batch(examples, 50256, 100)
+    reference = torch.tensor([-20.0, -21.0, -19.0, -25.0])
+    with torch.no_grad():
+        plain = DPOPolicy(model, beta=0.5)(x, (y, reference))
+        rpo = DPOPolicy(model, beta=0.5, sft_weight=weight)(x, (y, reference))
+        torch.testing.assert_close(rpo - plain, weight * chosen_nll(sequence_logprobs(model, x, y), y))
+    with pytest.raises(ConfigError, match="sft_weight"):
+        FinetuneConfig.for_task("dpo", sft_weight=-1.0)
 
 
 def test_a_tie_counts_half_in_the_accuracy_of_a_ranking():

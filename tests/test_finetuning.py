@@ -41,6 +41,7 @@ from ch05_finetuning.finetuning import (
     load_base,
     load_finetuned,
     padded_tokens,
+    split_records,
     training_memory_bytes,
     wrap_for_task,
 )
@@ -49,7 +50,6 @@ from ch05_finetuning.instructions import (
     instruction_batch,
     judge_scores,
     rouge_l,
-    split_records,
     tokenize_instruction,
     truncated,
 )
