@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
     """After a finished run, what its model does on the task's test examples (the task's `test_report`): the
-    accuracy with its 95% interval (classify; reward: of the preference pairs; grpo, ppo on arithmetic: exact
-    match of the greedy answers), or the answers to the test instructions, saved as OUT_DIR/test-responses.json
-    with their ROUGE-L (instruct, dpo; grpo, ppo with a reward model, after the answers' mean reward)."""
+    accuracy with its 95% interval (classify; reward: of the preference pairs; grpo, ppo with the exact-answer
+    reward: exact match of the greedy answers), or the answers to the test instructions, saved as
+    OUT_DIR/test-responses.json with their ROUGE-L and, for the checkable tasks, the share exactly right
+    (instruct, dpo; grpo, ppo with a reward model, after the answers' mean reward)."""
     print(cfg.test_report(result["model"].eval(), result["tokenizer"], cfg.read_data()["test"]))
 
 
