@@ -6,8 +6,10 @@
    shape with random weights, one prompt of 16 tokens, `--new-tokens` greedy tokens, fp32, CPU.
 2. Against `transformers` `generate(do_sample=False)`, with the same weights and the same tokens out: GPT-2
    124M's shape and the real SmolLM2-135M-Instruct (from the GGUF mirror), batch 1 and batch 8, our plain
-   fp32 model, the same model after `pack_for_decoding`, and (optional, where torch.compile works) through
-   the compiled matrix-vector kernel in fp32 and with int8 weights; for SmolLM2 also llama.cpp on the same
+   fp32 model, the same model after `pack_for_decoding`, with int8 weights through PyTorch's weight-only int8
+   kernel (`torch._weight_int8pack_mm`, bf16 activations; the default of `quantize_for_decoding`), and
+   (optional, where torch.compile works) through our compiled matrix-vector kernel in fp32 and with int8
+   weights; for SmolLM2 also llama.cpp on the same
    GGUF file where `llama-cpp-python` is installed (optional). Contestants alternate round by round, so the
    machine's noise hits all alike. int8 and llama.cpp compute with other weights: their tokens are compared,
    not required to match.
@@ -88,7 +90,8 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
         hf = hf_class.from_pretrained(ours.save_pretrained_hf(folder), attn_implementation="sdpa").eval()
     hf.generation_config.eos_token_id = None           # no end-of-text stop: every contestant runs new_tokens
     variants = {"ours, KV cache": ours,
-                "ours, KV cache + packed weights": pack_for_decoding(copy.deepcopy(ours), batch_hint=batch)}
+                "ours, KV cache + packed weights": pack_for_decoding(copy.deepcopy(ours), batch_hint=batch),
+                "ours, int8 (PyTorch's kernel)": quantize_for_decoding(copy.deepcopy(ours))}
     if DecodeLinear.kernel() is not None:                                        # optional: torch.compile
         variants["ours, compiled kernel, fp32"] = quantize_for_decoding(copy.deepcopy(ours), int8=False,
                                                                          compiled=True)
@@ -164,6 +167,7 @@ def main() -> None:
     for name, model in [("GPT-2 124M shape", gpt2), ("SmolLM2-135M", smollm)]:
         prefill_and_roofline(name, model, bandwidth)
         prefill_and_roofline(name + ", packed", pack_for_decoding(copy.deepcopy(model)), bandwidth)
+        prefill_and_roofline(name + ", int8", quantize_for_decoding(copy.deepcopy(model)), bandwidth)
         if DecodeLinear.kernel() is not None:
             prefill_and_roofline(name + ", int8 compiled", quantize_for_decoding(copy.deepcopy(model), compiled=True),
                                  bandwidth)

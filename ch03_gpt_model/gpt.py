@@ -391,6 +391,16 @@ class DecodingCache:
         self.next_position = torch.zeros(self.real.shape[0], dtype=torch.long, device=self.real.device)
         self.mask, self.is_causal = None, False
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` filled slots and forget the rest: the next `extend` writes at slot `length`,
+        as if only those tokens had been seen (a chat reuses the start of a conversation it has already run)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"the cache has {self.length} filled slots: it can keep 0 to {self.length}, not {length}")
+        self.real[:, length:] = False
+        self.length = self.start = length
+        self.next_position = self.real[:, :length].sum(dim=1)       # each row's real tokens so far
+        self.mask, self.is_causal = None, False
+
     def extend(self, idx: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """Reserve slots for the tokens `idx` (batch, seq) (`real`: which are not padding; None: all are) and
         return their positions (batch, seq): each row's count of real tokens before them. Also sets the
@@ -538,10 +548,13 @@ class CachedLogits:
     window for each further token, the same computation (and the same cost) as without a cache.
     """
 
-    def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None):
+    def __init__(self, model: nn.Module, batch: int, total_length: int, vocab_size: int | None = None,
+                 cache: "DecodingCache | None" = None):
+        """`cache`: go on with one that already holds the first `cache.length` tokens of every `idx` this is
+        called with (None: a new one, of min(total_length, context_length) slots)."""
         self.model = model
-        self.cache = model.new_cache(batch, min(total_length, model.cfg.context_length))
-        self.output_layer, self.vocab_size, self.seen = output_layer(model), vocab_size, 0
+        self.cache = model.new_cache(batch, min(total_length, model.cfg.context_length)) if cache is None else cache
+        self.output_layer, self.vocab_size, self.seen = output_layer(model), vocab_size, self.cache.length
 
     def __call__(self, idx: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Logits (batch, vocab) after `idx` (batch, seq): the whole sequence so far, of which the cache
@@ -559,7 +572,8 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | None = None, vocab_size: int | None = None, use_cache: bool = True,
              attention_mask: torch.Tensor | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             cache: "DecodingCache | None" = None) -> torch.Tensor:
     """Extend `idx` (batch, seq) by up to `max_new_tokens` tokens -> (batch, seq + new).
 
     - temperature 0 picks the most likely token (greedy); otherwise logits are divided by `temperature`, cut
@@ -575,11 +589,19 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     - `on_token(ids)`: called with each step's new ids (batch,) as soon as they are chosen (streaming). An
       exception it raises (a KeyboardInterrupt, say) ends the generation and propagates.
     - Inputs longer than the context are cropped to its last `context_length` tokens.
+    - `cache`: one (from `model.new_cache`) that already holds the first `cache.length` tokens of `idx`, from
+      an earlier call (`truncate` it to the part `idx` shares): only the rest is run. It is extended in place,
+      and afterwards holds every token of the result but the last.
     """
     check_generate_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size)
     real = check_attention_mask(attention_mask, idx)
+    if cache is not None and not (use_cache and supports_cache(model) and cache.length < idx.shape[1]
+                                  and idx.shape[1] + max_new_tokens <= cache.max_length):
+        raise ValueError(f"a cache to go on with needs use_cache=True, a model with the cache interface, a prompt "
+                         f"longer than the {cache.length} tokens it holds (got {idx.shape[1]}), and room for the "
+                         f"prompt and max_new_tokens in its {cache.max_length} slots")
     if use_cache and supports_cache(model):
-        next_logits = CachedLogits(model, idx.shape[0], idx.shape[1] + max_new_tokens, vocab_size)
+        next_logits = CachedLogits(model, idx.shape[0], idx.shape[1] + max_new_tokens, vocab_size, cache)
     else:
         def next_logits(idx, real):
             return recomputed_logits(model, idx, real, vocab_size)

@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -110,12 +111,16 @@ class RopeScaling:
             raise ValueError(f"RopeScaling.original_max_position_embeddings must be a positive int, got {original!r}")
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
-                     device=None) -> torch.Tensor:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None, device=None,
+                     divisors: tuple[float, ...] | None = None) -> torch.Tensor:
     """The rotation speed of each pair of dimensions, theta^(-2i / head_dim) radians per position for
-    i = 0 .. head_dim/2 - 1 (fast to slow), with Llama 3's scaling applied if given. (head_dim / 2,) float32."""
+    i = 0 .. head_dim/2 - 1 (fast to slow), with Llama 3's scaling applied if given: as `scaling` (Hugging
+    Face's four numbers) or as `divisors`, one per pair, the form llama.cpp stores it in (a GGUF file's
+    `rope_freqs` tensor: pair i turns divisors[i] times slower). (head_dim / 2,) float32."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / theta ** exponents
+    if divisors is not None:
+        inv_freq = inv_freq / torch.tensor(divisors, dtype=torch.float32, device=device)
     if scaling is None:
         return inv_freq
     wavelength = 2 * math.pi / inv_freq
@@ -167,7 +172,8 @@ def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention with `n_head` query heads sharing `n_kv_head` key/value heads (Ainslie et al.,
-    2023): each group of n_head / n_kv_head query heads reads the same keys and values. n_kv_head = n_head
+    2023): each group of n_head / n_kv_head query heads reads the same keys and values, which PyTorch's fused
+    attention takes as they are (`enable_gqa`). n_kv_head = n_head
     is ordinary multi-head attention, n_kv_head = 1 multi-query attention. Queries and keys are rotated by
     RoPE. (batch, seq, n_embd) -> same shape; Hugging Face's names (q_proj, k_proj, v_proj, o_proj)."""
 
@@ -184,13 +190,6 @@ class GroupedQueryAttention(nn.Module):
         batch, seq, _ = x.shape
         return projection(x).view(batch, seq, n, self.head_dim).transpose(1, 2)
 
-    def shared(self, kv: torch.Tensor) -> torch.Tensor:
-        """(batch, n_kv_head, seq, head_dim) -> (batch, n_head, seq, head_dim): each kv head repeated for its
-        group of query heads (`reshape` copies them; the cache of part 2 keeps only the n_kv_head originals)."""
-        batch, _, seq, dim = kv.shape
-        group = self.n_head // self.n_kv_head
-        return kv[:, :, None].expand(batch, self.n_kv_head, group, seq, dim).reshape(batch, self.n_head, seq, dim)
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
                 layer: int = 0) -> torch.Tensor:
         """With a `cache` (section 8), `x` holds only the new positions and attends to the cached ones too."""
@@ -198,7 +197,7 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rope(self.heads(x, self.k_proj, self.n_kv_head), cos, sin)
         v = self.heads(x, self.v_proj, self.n_kv_head)
         if cache is None:
-            context = F.scaled_dot_product_attention(q, self.shared(k), self.shared(v), is_causal=True)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             context = cache.attend(layer, q, k, v)
         return self.o_proj(context.transpose(1, 2).flatten(2))
@@ -237,6 +236,8 @@ class LlamaConfig:
     ffn_hidden: int = knob(8192, "width of the SwiGLU feed-forward block (swiglu_hidden_size)")
     rope_theta: float = knob(500000.0, "RoPE base: the slowest pair turns once in about 2 pi * theta positions")
     rope_scaling: RopeScaling | None = knob(RopeScaling(factor=32.0), "Llama 3's RoPE frequency scaling, or none")
+    rope_divisors: tuple[float, ...] | None = knob(None, "one divisor per RoPE pair (n_embd / n_head / 2 of them): "
+                                                         "the scaling as a GGUF file stores it, or none")
     norm_eps: float = knob(1e-5, "the RMSNorms' epsilon")
     tie_embeddings: bool = knob(True, "the output layer reuses the token embedding")
     init_std: float | None = knob(None, "initial weight std; none: 0.02 at width 768, scaled as 1 / sqrt(n_embd)",
@@ -265,10 +266,28 @@ class LlamaConfig:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError("rope_scaling", f"must be a RopeScaling, a dict of its fields, or None, "
                                               f"got {self.rope_scaling!r}")
+        if self.rope_divisors is not None:
+            self._check_rope_divisors()
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps!r}")
         if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             raise ConfigError("init_std", f"must be positive (or None), got {self.init_std!r}")
+
+    def _check_rope_divisors(self) -> None:
+        """`rope_divisors` as a tuple of head_dim / 2 positive floats (a JSON config holds a list), alone."""
+        try:
+            if isinstance(self.rope_divisors, (str, bytes)):
+                raise TypeError
+            divisors = tuple(float(d) for d in self.rope_divisors)
+        except (TypeError, ValueError):
+            raise ConfigError("rope_divisors", f"must be a list of numbers, got {self.rope_divisors!r}") from None
+        if len(divisors) != self.head_dim // 2 or not all(math.isfinite(d) and d > 0 for d in divisors):
+            raise ConfigError("rope_divisors", f"must be {self.head_dim // 2} positive numbers (one per pair of a "
+                                               f"{self.head_dim}-wide head), got {len(divisors)}: {divisors[:4]}...")
+        if self.rope_scaling is not None:
+            raise ConfigError("rope_divisors", "give rope_scaling or rope_divisors, not both: each is the whole "
+                                               "scaling")
+        object.__setattr__(self, "rope_divisors", divisors)
 
     @property
     def head_dim(self) -> int:
@@ -339,7 +358,8 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (*positions.shape, rotary_dim) for these positions, on their device."""
-        inv_freq = rope_frequencies(self.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device)
+        inv_freq = rope_frequencies(self.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling, positions.device,
+                                    self.cfg.rope_divisors)
         return rope_cos_sin(inv_freq, positions)
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -380,7 +400,8 @@ class LlamaModel(nn.Module):
     @classmethod
     def from_pretrained_hf(cls, path: str | os.PathLike) -> "LlamaModel":
         """Load a Hugging Face Llama checkpoint: a directory with config.json and model.safetensors (or the
-        shards a model.safetensors.index.json lists). Weights are converted to float32."""
+        shards a model.safetensors.index.json lists). Weights are converted to float32. The model is built on the
+        meta device and takes the file's tensors as its parameters: the weights are in memory once, not twice."""
         directory = Path(path)
         config_file = directory / "config.json"
         if not config_file.is_file():
@@ -390,8 +411,11 @@ class LlamaModel(nn.Module):
         tensors = {}
         for file in safetensors_files(directory):
             tensors.update(load_file(file))
-        model = cls(cfg)
-        model.load_state_dict(state_dict_from_hf(tensors, cfg))
+        for name in list(tensors):                       # one tensor at a time, so the file's copy goes at once
+            tensors[name] = tensors.pop(name).float()
+        with torch.device("meta"):                       # shapes only: no memory, no random initialisation
+            model = cls(cfg)
+        model.load_state_dict(state_dict_from_hf(tensors, cfg), assign=True)   # the file's tensors become it
         return model
 
     @classmethod
@@ -447,24 +471,33 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         unsupported.append("biases (LlamaModel has none)")
     if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
         unsupported.append(f"head_dim={hf['head_dim']} (LlamaModel's is hidden_size / heads)")
-    if kind not in ("default", "llama3"):
-        unsupported.append(f"rope_type={kind!r} (LlamaModel knows default and llama3)")
+    if kind not in ("default", "llama3", "linear"):
+        unsupported.append(f"rope_type={kind!r} (LlamaModel knows default, linear and llama3)")
     if unsupported:
         raise ValueError("this checkpoint computes differently from LlamaModel: " + "; ".join(unsupported))
-    scaling = None
+    scaling, divisors = None, None
     if kind == "llama3":
         scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
                               int(rope["original_max_position_embeddings"]))
+    elif kind == "linear":                               # every pair slowed alike (Chen et al., 2023)
+        divisors = (float(rope["factor"]),) * (hf["hidden_size"] // heads // 2)
     return LlamaConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
                        n_layer=hf["num_hidden_layers"], n_head=heads,
                        n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hf["hidden_size"],
                        ffn_hidden=hf["intermediate_size"], rope_theta=float(theta), rope_scaling=scaling,
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False))
+                       rope_divisors=divisors, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 def hf_config_dict(cfg: LlamaConfig) -> dict:
-    """The config.json that `transformers` (4.45 and later) reads for our model."""
+    """The config.json that `transformers` (4.45 and later) reads for our model. Per-pair RoPE divisors have no
+    Hugging Face form unless they are all equal (linear scaling): a ValueError says so."""
     scaling = None if cfg.rope_scaling is None else {"rope_type": "llama3", **asdict(cfg.rope_scaling)}
+    if cfg.rope_divisors is not None:
+        if len(set(cfg.rope_divisors)) > 1:
+            raise ValueError("this model's RoPE divisors (rope_divisors, read from a GGUF file's rope_freqs) differ "
+                             "from pair to pair, which a Hugging Face config cannot say")
+        scaling = {"rope_type": "linear", "factor": cfg.rope_divisors[0]}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.context_length, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd,
@@ -580,15 +613,35 @@ def gguf_metadata(reader, key: str, default=None):
     return field.contents()
 
 
+def gguf_rope_divisors(reader, head_dim: int) -> tuple[float, ...] | None:
+    """How a GGUF file scales RoPE's frequencies, as one divisor per pair (None: not at all). Llama 3.1 and 3.2
+    files carry Llama 3's scaling as a tensor, `rope_freqs.weight`, of head_dim / 2 divisors (llama.cpp's
+    converter computes them from the four numbers of the Hugging Face config, which it does not store);
+    `rope.scaling.type` "linear" divides every pair by `rope.scaling.factor`. `transformers`' own GGUF loading
+    ignores `rope_freqs`, so it computes such a file's long-context positions wrongly."""
+    kind = gguf_metadata(reader, "llama.rope.scaling.type", "none")
+    factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if kind not in ("none", "linear") or (kind == "linear" and factors is not None):
+        raise ValueError(f"this GGUF file scales RoPE as {kind!r}{' with rope_freqs' if factors is not None else ''}; "
+                         f"LlamaModel reads llama.cpp's rope_freqs (Llama 3) and linear scaling")
+    if kind == "linear":
+        return (float(gguf_metadata(reader, "llama.rope.scaling.factor")),) * (head_dim // 2)
+    if factors is None:
+        return None
+    divisors = gguf_tensor(factors).flatten()
+    if divisors.numel() != head_dim // 2:
+        raise ValueError(f"rope_freqs.weight holds {divisors.numel()} divisors; a {head_dim}-wide head has "
+                         f"{head_dim // 2} pairs")
+    return tuple(divisors.tolist())
+
+
 def config_from_gguf(reader) -> LlamaConfig:
-    """The LlamaConfig a GGUF file's `llama.*` metadata describes (tied when it has no `output.weight`)."""
+    """The LlamaConfig a GGUF file's `llama.*` metadata describes (tied when it has no `output.weight`), with its
+    RoPE scaling (`gguf_rope_divisors`)."""
     architecture = gguf_metadata(reader, "general.architecture")
     if architecture != "llama":
         raise ValueError(f"the GGUF file holds a {architecture!r} model, not a llama")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names or gguf_metadata(reader, "llama.rope.scaling.type", "none") != "none":
-        raise ValueError("this GGUF file scales RoPE's frequencies (rope_freqs / rope.scaling), which from_gguf "
-                         "does not read; load the model's Hugging Face checkpoint with from_pretrained_hf")
 
     def meta(key, default=None):
         return gguf_metadata(reader, f"llama.{key}", default)
@@ -597,12 +650,14 @@ def config_from_gguf(reader) -> LlamaConfig:
     if int(meta("rope.dimension_count", n_embd // n_head)) != n_embd // n_head:
         raise ValueError("this GGUF file rotates only part of each head (rope.dimension_count); LlamaModel "
                          "rotates all of it")
-    vocab = int(meta("vocab_size", len(gguf_metadata(reader, "tokenizer.ggml.tokens"))))
+    vocab = (int(meta("vocab_size")) if "llama.vocab_size" in reader.fields
+             else len(gguf_metadata(reader, "tokenizer.ggml.tokens")))
     return LlamaConfig(vocab_size=vocab, context_length=int(meta("context_length")),
                        n_layer=int(meta("block_count")), n_head=n_head,
                        n_kv_head=int(meta("attention.head_count_kv", n_head)), n_embd=n_embd,
                        ffn_hidden=int(meta("feed_forward_length")),
                        rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=None,
+                       rope_divisors=gguf_rope_divisors(reader, n_embd // n_head),
                        norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
                        tie_embeddings="output.weight" not in names)
 
@@ -612,6 +667,8 @@ def state_dict_from_gguf(reader, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     interleaved RoPE layout: they are put back into the rotate-half layout LlamaModel computes in."""
     tensors = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":                 # part of the config (gguf_rope_divisors)
+            continue
         parts = tensor.name.split(".")                         # "blk.3.attn_q.weight" or "output_norm.weight"
         if parts[0] == "blk":
             name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
@@ -628,20 +685,31 @@ def state_dict_from_gguf(reader, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
 
 # ---- The tokenizer and the chat template -----------------------------------------------------------------
 
-def chat_prompt(messages: list[dict], template: str, add_generation_prompt: bool = True, **variables) -> str:
+def chat_prompt(messages: list[dict], template: str, add_generation_prompt: bool = True,
+                now: Callable[[], datetime] = datetime.now, **variables) -> str:
     """The text a chat model expects for `messages` ([{"role": "user", "content": ...}, ...]): the model's
     Jinja2 chat template (from its GGUF metadata or tokenizer_config.json) rendered in a sandbox, as
-    `transformers`' `apply_chat_template` renders it. Encode the result with allowed_special="all"."""
+    `transformers`' `apply_chat_template` renders it, with what it gives templates besides the messages:
+    jinja2's loop controls (`break`, `continue`), `raise_exception`, `strftime_now` (Llama 3.2 prints today's
+    date, read from `now`) and a `tojson` that writes what `json.dumps` writes (jinja2's own escapes <, >, &
+    and ' for HTML). `variables` are the other names a template reads (`bos_token`, `tools`, `date_string`).
+    Encode the result with allowed_special="all"."""
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     for message in messages:
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r}")
+
     def raise_exception(message: str):                   # templates call it to refuse a conversation
         raise ValueError(f"the chat template refuses these messages: {message}")
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.globals.update(raise_exception=raise_exception, strftime_now=lambda format: now().strftime(format))
+    environment.filters["tojson"] = tojson
     return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                     **variables)
 
@@ -715,6 +783,9 @@ class HybridConfig(LlamaConfig):
                 raise ConfigError(name, f"must be an int >= {least}, got {value!r}")
         if self.rope_head_dim % 2:
             raise ConfigError("rope_head_dim", f"must be even (RoPE turns pairs), got {self.rope_head_dim}")
+        if self.attention == "mla" and self.rope_divisors is not None:
+            raise ConfigError("rope_divisors", "latent attention rotates rope_head_dim dimensions, not a whole head: "
+                                               "use rope_scaling")
 
 
 class HybridModel(LlamaModel):
@@ -869,13 +940,18 @@ class DecodeLinear(nn.Module):
     """A frozen linear layer for generation, its weight in float32 or in int8 with a float32 scale per output
     channel (`quantize_int8`): 1 byte per weight instead of 4, so decoding reads a quarter of the bytes.
 
-    A few rows at a time (decoding) go through `matvec` compiled by `torch.compile` when `compiled` is set;
-    otherwise, and for many rows at a time (a prompt), the weight is dequantized and multiplied by F.linear.
-    Both compute x @ (q * scale)^T. (batch..., in) -> (batch..., out).
+    int8 weights are multiplied by PyTorch's weight-only int8 kernel, `torch._weight_int8pack_mm`, which reads
+    each weight as a byte and takes the activations in bfloat16 (their rounding, about 0.4 %, is the price of
+    its speed). The kernel reads the input in blocks: with an input width that is not a multiple of 16 it gives
+    wrong numbers or crashes (torch 2.13), so layers whose input width is not a multiple of 32 dequantize
+    instead. With `compiled`, a few rows at a time (decoding) go through `matvec` compiled by
+    `torch.compile` instead, in float32. Where neither runs, the weight is dequantized and multiplied by
+    F.linear. All compute x @ (q * scale)^T. (batch..., in) -> (batch..., out).
     """
 
     KERNEL_ROWS = 16                    # up to this many rows, a matrix-vector kernel beats dequantizing
     _kernel = None                      # the compiled `matvec`, made once, shared by every layer
+    _int8_kernel: dict = {}             # device type -> whether torch._weight_int8pack_mm runs there
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = True,
                  compiled: bool = False):
@@ -900,10 +976,28 @@ class DecodeLinear(nn.Module):
         if self.compiled and rows.shape[0] <= self.KERNEL_ROWS and DecodeLinear.kernel() is not None:
             # a fresh tensor rather than a view of x: then one compiled variant serves every call
             out = DecodeLinear._kernel(rows.clone(), self.weight, self.scale)
+        elif self.int8 and self.in_features % 32 == 0 and DecodeLinear.int8_kernel(rows.device):
+            out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+            out = out.to(rows.dtype)
         else:
             out = F.linear(rows, self.weight.to(rows.dtype)) * self.scale
         out = out if self.bias is None else out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def int8_kernel(device: torch.device) -> bool:
+        """Whether PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`, private, the one torchao's int8
+        weight-only quantization calls) runs on `device`'s type and gives x @ (q * scale)^T there."""
+        if device.type not in DecodeLinear._int8_kernel:
+            try:
+                x, q, scale = torch.randn(2, 64), torch.randint(-127, 128, (8, 64), dtype=torch.int8), torch.rand(8)
+                out = torch._weight_int8pack_mm(x.to(device, torch.bfloat16), q.to(device),
+                                                scale.to(device, torch.bfloat16)).float().cpu()
+                works = torch.allclose(out, x @ (q.float() * scale[:, None]).t(), rtol=0.05, atol=0.5)
+            except (AttributeError, RuntimeError, NotImplementedError):
+                works = False
+            DecodeLinear._int8_kernel[device.type] = works
+        return DecodeLinear._int8_kernel[device.type]
 
     @staticmethod
     def kernel():
@@ -923,7 +1017,8 @@ class DecodeLinear(nn.Module):
 
 def quantize_for_decoding(model: nn.Module, int8: bool = True, compiled: bool = False) -> nn.Module:
     """Every linear layer of `model` (and a tied output layer) as a `DecodeLinear`, in place: int8 weights with
-    per-channel scales (or float32 ones, with `int8=False`), decoded through a compiled kernel if `compiled`.
+    per-channel scales (or float32 ones, with `int8=False`), multiplied by PyTorch's int8 kernel, or by a
+    compiled one if `compiled`.
     The embedding stays float32: a token reads only its own row of it. For generation only."""
     return replace_linear_layers(model, lambda weight, bias: DecodeLinear(weight, bias, int8, compiled))
 

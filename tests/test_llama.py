@@ -1,6 +1,8 @@
 """Chapter 6: Llama's parts against PyTorch and transformers, the released shapes, GGUF, the chat model."""
 import dataclasses
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +150,10 @@ def test_released_configs_have_their_exact_parameter_counts():
     (dict(n_embd=12, n_head=4, n_kv_head=4), "must be even"), (dict(n_layer=0), "n_layer"),
     (dict(rope_theta=0.5), "rope_theta"), (dict(rope_scaling={"factor": 0.5}), "rope_scaling: .*factor"),
     (dict(rope_scaling={"fctor": 8.0}), "rope_scaling: .*is not a RopeScaling"),
+    (dict(rope_divisors=(1.0, 2.0)), "rope_divisors: must be 4 positive"),
+    (dict(rope_divisors=(1.0, 2.0, 0.0, 4.0)), "rope_divisors: must be 4 positive"),
+    (dict(rope_divisors="1234"), "rope_divisors: must be a list of numbers"),
+    (dict(rope_divisors=(1.0,) * 4, rope_scaling={"factor": 8.0}), "rope_divisors: give rope_scaling or"),
     (dict(rope_scaling=8.0), "rope_scaling"),
     (dict(norm_eps=0), "norm_eps"), (dict(vocab_size=True), "vocab_size")])
 def test_bad_configs_are_refused_naming_the_field(changes, match):
@@ -173,7 +179,8 @@ def test_bad_rope_scaling_is_refused(bad, match):
 VARIANTS = {"gqa-llama3-tied": dict(n_kv_head=2, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16)),
             "mha-untied": dict(n_kv_head=4, tie_embeddings=False),
             "mqa-factor32-untied": dict(n_kv_head=1, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8),
-                                        tie_embeddings=False)}
+                                        tie_embeddings=False),
+            "linear-scaling": dict(rope_divisors=[4.0] * 4)}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -189,6 +196,25 @@ def test_logits_equal_transformers_in_both_directions(variant, tmp_path):
         back = LlamaModel.from_pretrained_hf(tmp_path / "theirs").eval()
         assert back.cfg == ours.cfg
         assert torch.allclose(back(idx), fresh(idx).logits, atol=1e-4)
+
+
+def test_pair_by_pair_divisors_have_no_hugging_face_config(tmp_path):
+    with pytest.raises(ValueError, match="differ from pair to pair"):
+        LlamaModel(small(rope_divisors=(1.0, 1.0, 2.0, 8.0))).save_pretrained_hf(tmp_path)
+
+
+def test_from_pretrained_hf_loads_without_initialising_first(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    LlamaModel(small()).save_pretrained_hf(tmp_path)
+    normal_ = torch.nn.init.normal_
+
+    def only_on_meta(tensor, *args, **kwargs):           # shapes may be "initialised"; memory must not be
+        assert tensor.device.type == "meta", "from_pretrained_hf filled real memory with random weights"
+        return normal_(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", only_on_meta)
+    loaded = LlamaModel.from_pretrained_hf(tmp_path)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
 
 
 def test_a_tied_head_is_the_embedding_and_is_not_saved_twice(tmp_path):
@@ -343,6 +369,89 @@ def test_from_gguf_logits_equal_transformers(smollm, gguf_path):
     assert smollm.cfg.n_kv_head == 3 and smollm.cfg.tie_embeddings
 
 
+def llama_cpp_rope_divisors(head_dim: int, theta: float, rope: dict) -> list[float]:
+    """What llama.cpp's converter stores as `rope_freqs` for a Hugging Face config with Llama 3's scaling: per
+    pair, 1 for the short wavelengths, `factor` for the long ones, the reciprocal of the blend between (written
+    here from the converter's rule, not from chapter 6's code)."""
+    context, low, high, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                                  rope["high_freq_factor"], rope["factor"])
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < context / high:
+            divisors.append(1.0)
+        elif wavelength > context / low:
+            divisors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return divisors
+
+
+def write_llama3_gguf(model: transformers.LlamaForCausalLM, path) -> None:
+    """`model` as a float32 GGUF file the way llama.cpp's converter writes a Llama 3.1/3.2: llama.* metadata, q
+    and k rows in Meta's interleaved layout, and the RoPE scaling only as the `rope_freqs` tensor."""
+    import gguf
+
+    c, rope = model.config, model.config.rope_parameters
+    head_dim = c.hidden_size // c.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.float()
+        if name.startswith("model.layers."):
+            _, _, layer, *module, kind = name.split(".")
+            if module[-1] in ("q_proj", "k_proj"):
+                heads = c.num_attention_heads if module[-1] == "q_proj" else c.num_key_value_heads
+                tensor = half_to_interleaved(tensor, heads)
+            name = f"blk.{layer}.{names['.'.join(module)]}.{kind}"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                    "lm_head.weight": "output.weight"}[name]
+        writer.add_tensor(name, tensor.numpy())
+    divisors = llama_cpp_rope_divisors(head_dim, rope["rope_theta"], rope)
+    writer.add_tensor("rope_freqs.weight", np.array(divisors, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_llama_3_gguf_with_rope_freqs_equals_the_model_it_was_written_from(tmp_path):
+    pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=10000.0,
+        initializer_range=0.2)                                 # large weights: attention that positions change
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    write_llama3_gguf(theirs, tmp_path / "llama3.gguf")
+    ours = LlamaModel.from_gguf(tmp_path / "llama3.gguf")
+    divisors = ours.cfg.rope_divisors
+    assert divisors[0] == 1.0 and divisors[-1] == 8.0 and 1.0 < divisors[1] < 8.0     # kept, blended, stretched
+    idx = torch.randint(0, 97, (2, 250))                       # far past the 64 positions of the original context
+    with torch.no_grad():
+        expected = theirs(idx).logits
+        assert torch.allclose(ours(idx), expected, atol=1e-4)
+        unscaled = LlamaModel(dataclasses.replace(ours.cfg, rope_divisors=None)).eval()
+        unscaled.load_state_dict(ours.state_dict())
+        assert (unscaled(idx) - expected)[:, 64:].abs().max() > 0.1       # the file's divisors are what matter
+
+
 @pytest.fixture(scope="module")
 def smollm_tokenizer(gguf_path):
     return BPETokenizer.from_gguf(gguf_path)
@@ -383,3 +492,63 @@ def test_chat_template_and_answer(smollm, smollm_tokenizer, reader):
     assert chat_prompt(messages, strict) == "ok"
     with pytest.raises(ValueError, match="refuses these messages: start with the user"):
         chat_prompt([{"role": "assistant", "content": "hi"}], strict)
+
+
+# ---- chat templates as models ship them -------------------------------------------------------
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "shared" / "fixtures" / "chat_templates"
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Today's weather <in °C> & wind",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "description": "e.g. Zürich"}}}}}]
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, 日本?"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Weather in Zürich?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_chat_tokenizer():
+    """A transformers tokenizer with a one-word vocabulary: apply_chat_template renders with no model files."""
+    from tokenizers import Tokenizer, models
+
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1}, unk_token="<unk>")),
+        bos_token="<s>", eos_token="<s>")
+
+
+@pytest.fixture()
+def frozen_clock(monkeypatch):
+    """Today, for transformers' templates and ours, 2024-02-29 (so a date printed is this one)."""
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 2, 29, 12, 0)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Frozen)
+    return Frozen.now
+
+
+@pytest.mark.parametrize("name", ["llama-3.2", "qwen3", "smollm2-chatml"])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_shipped_chat_templates_render_as_transformers_renders_them(name, tools, hf_chat_tokenizer, frozen_clock):
+    template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    for messages in (CONVERSATION, CONVERSATION[1:2]):
+        for generation_prompt in (True, False):
+            theirs = hf_chat_tokenizer.apply_chat_template(messages, chat_template=template, tools=tools,
+                                                           tokenize=False, add_generation_prompt=generation_prompt)
+            ours = chat_prompt(messages, template, generation_prompt, now=frozen_clock, tools=tools,
+                               bos_token="<s>", eos_token="<s>")
+            assert ours == theirs
+    if name == "llama-3.2":
+        assert "Today Date: 29 Feb 2024" in ours                # strftime_now, read from the clock we gave
+    if tools and name != "smollm2-chatml":                      # (SmolLM2's template has no place for tools)
+        assert "Zürich" in ours and "<in °C> & wind" in ours   # tojson as json.dumps writes it, not HTML-escaped
+
+
+def test_chat_templates_may_break_and_continue_loops(hf_chat_tokenizer):
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{{ m.content }};{% if m.role == 'assistant' %}{% break %}{% endif %}{% endfor %}")
+    theirs = hf_chat_tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
+    assert chat_prompt(CONVERSATION, template) == theirs == "Hi, 日本?;Hello!;"
