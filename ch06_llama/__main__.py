@@ -95,7 +95,8 @@ def chat(args: argparse.Namespace) -> int:
             print(f"({err})", file=sys.stderr)
             continue
         print(" [interrupted]" if turn.interrupted else "")
-        print(f"[{turn.tokens} tokens, {turn.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
+        first = "" if turn.first_token_seconds is None else f", first after {1e3 * turn.first_token_seconds:.0f} ms"
+        print(f"[{turn.tokens} tokens{first}, {turn.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
     return 0
 
 

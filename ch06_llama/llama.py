@@ -1229,6 +1229,7 @@ class ChatTurn:
     tokens: int
     seconds: float
     interrupted: bool = False
+    first_token_seconds: float | None = None      # from the message to the answer's first token
 
     @property
     def tokens_per_second(self) -> float:
@@ -1240,14 +1241,17 @@ class Chat:
     chapter 6's cached `generate`, streamed as text.
 
     The whole conversation is the prompt of every answer. When it no longer fits in the context together with
-    `max_new_tokens`, the oldest exchanges are dropped (a system message stays). A Ctrl-C while the model
-    answers ends that answer, which is kept as far as it got; the conversation goes on.
+    `max_new_tokens`, the oldest exchanges are dropped (a system message stays). With `reuse_cache` the
+    conversation's KV cache is kept from one answer to the next, and each prompt runs only from the first token
+    that differs from what the cache holds: the new message, not the whole conversation. A Ctrl-C while the
+    model answers ends that answer, which is kept as far as it got; the conversation goes on.
     """
 
     def __init__(self, chat_model: ChatModel, system: str | None = None, temperature: float = 0.7,
                  top_k: int | None = None, top_p: float | None = 0.9, max_new_tokens: int = 256,
-                 seed: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 seed: int | None = None, clock: Callable[[], float] = time.perf_counter, reuse_cache: bool = True):
         self.chat_model, self.max_new_tokens, self.clock = chat_model, max_new_tokens, clock
+        self.reuse_cache, self.cache, self.cached_ids = reuse_cache, None, []   # the cache holds cached_ids
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.system = [] if system is None else [{"role": "system", "content": system}]
@@ -1280,10 +1284,14 @@ class Chat:
             self.messages.pop()
             raise
         model, tokenizer = self.chat_model.model, self.chat_model.tokenizer
-        end, answer, text = self.chat_model.end_of_turn, [], TextStream(tokenizer)
+        end, answer, produced, text = self.chat_model.end_of_turn, [], [], TextStream(tokenizer)
+        first_token = []
 
         def stream(new_ids: torch.Tensor) -> None:
             token = int(new_ids[0])
+            if not produced:
+                first_token.append(self.clock() - start)
+            produced.append(token)
             if token != end:
                 answer.append(token)
                 piece = text.push(token)
@@ -1292,16 +1300,34 @@ class Chat:
 
         device = next(model.parameters()).device
         start, interrupted = self.clock(), False
+        cache = self.reusable_cache(ids) if self.reuse_cache else None
         try:
             generate(model, torch.tensor([ids], device=device), self.max_new_tokens, eos_id=end,
-                     generator=self.generator, on_token=stream, **self.sampling)
+                     generator=self.generator, on_token=stream, cache=cache, **self.sampling)
         except KeyboardInterrupt:
             interrupted = True
         seconds = self.clock() - start
+        if cache is not None:                # an interrupted step may have left the cache half-written
+            self.cached_ids = [] if interrupted else (ids + produced)[:cache.length]
         reply = tokenizer.decode(answer)
         self.messages.append({"role": "assistant", "content": reply})
-        return ChatTurn(reply, len(answer), seconds, interrupted)
+        return ChatTurn(reply, len(answer), seconds, interrupted, first_token[0] if first_token else None)
+
+    def reusable_cache(self, ids: list[int]) -> DecodingCache:
+        """The conversation's cache, cut back to the tokens it shares with the prompt `ids` (leaving at least
+        the last one to run), or a new one where the old is too small for `ids` and the answer: room for at
+        least 1,024 tokens, or twice what this turn needs, within the context (a turn that outgrows it runs
+        whole once more)."""
+        model, needed = self.chat_model.model, len(ids) + self.max_new_tokens
+        if self.cache is None or needed > self.cache.max_length:
+            self.cache = model.new_cache(1, min(model.cfg.context_length, max(2 * needed, 1024)))
+            self.cached_ids = []
+        shared = 0
+        while shared < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[shared] == ids[shared]:
+            shared += 1
+        self.cache.truncate(shared)
+        return self.cache
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
-        self.messages = []
+        self.messages, self.cached_ids = [], []

@@ -63,7 +63,8 @@ def test_old_exchanges_are_dropped_to_fit_the_context_and_the_system_message_sta
                 clock=FakeClock())
     for n in range(6):
         turn = chat.reply(f"Question number {n}, please answer it.")
-        assert turn.tokens <= 8 and turn.tokens_per_second == turn.tokens / 2.0
+        assert turn.tokens <= 8 and turn.first_token_seconds == 2.0        # clock read at start, first token,
+        assert turn.tokens_per_second == turn.tokens / 4.0                 # and end: two steps of two seconds
         assert len(chat.prompt_ids()) + 8 <= 96 or len(chat.messages) <= 1
     assert len(chat.messages) < 12                                      # some exchanges were dropped
     assert chat.messages[-2]["content"] == "Question number 5, please answer it."
@@ -94,6 +95,22 @@ def test_ctrl_c_ends_the_answer_not_the_chat(smollm_parts):
     assert turn.interrupted and 3 <= turn.tokens < 40
     assert chat.messages[-1] == {"role": "assistant", "content": turn.text}
     assert not chat.reply("Still there?").interrupted
+
+
+def test_a_chat_that_keeps_its_cache_answers_as_one_that_runs_everything_again(smollm_parts):
+    chats = [Chat(toy_chat_model(smollm_parts, context_length=512), temperature=0, max_new_tokens=12,
+                  reuse_cache=reuse, clock=FakeClock()) for reuse in (True, False)]
+    for question in ["Hello there", "What is two and two?", "And three and three?", "Thanks!"]:
+        answers = [chat.reply(question) for chat in chats]
+        assert answers[0].text == answers[1].text and answers[0].first_token_seconds == 2.0
+    kept = chats[0]
+    assert kept.cache.length == len(kept.cached_ids) > 0
+    ran = []                                         # the next prompt runs from where the two differ, not from 0
+    hidden_states = kept.chat_model.model.hidden_states
+    kept.chat_model.model.hidden_states = lambda idx, *args: ran.append(idx.shape[1]) or hidden_states(idx, *args)
+    turn_ids = len(kept.prompt_ids()) + len(kept.chat_model.tokenizer.encode("One more?"))
+    kept.reply("One more?")
+    assert ran[0] < turn_ids // 2
 
 
 def test_a_seeded_chat_repeats_itself(smollm_parts):
