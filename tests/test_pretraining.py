@@ -71,7 +71,10 @@ TINY_LLAMA = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, ffn_hidden=64, co
 
 
 def run_cli(*args, env_extra=None, **popen):
-    env = {**os.environ, **(env_extra or {})}
+    # MKL may sum in another order from one process to the next (its kernels depend on how buffers happen to be
+    # aligned), which moves results in the last bits; "AUTO,STRICT" (conditional numerical reproducibility) fixes
+    # the order, so that runs in separate processes can be compared bit for bit.
+    env = {**os.environ, "MKL_CBWR": "AUTO,STRICT", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "ch04_pretraining", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
