@@ -8,7 +8,8 @@
   (Hugging Face's rotate-half layout), `apply_rope_interleaved` (Meta's), and `interleaved_to_half` /
   `half_to_interleaved`, the q/k weight permutations between the two.
 - `GroupedQueryAttention`, `LlamaBlock`, `LlamaConfig`, `LLAMA_CONFIGS`, `LlamaModel`: the model, with
-  Hugging Face's parameter names; `from_pretrained_hf`, `save_pretrained_hf`, `from_gguf`.
+  Hugging Face's parameter names; `from_pretrained_hf`, `save_pretrained_hf`, `from_gguf`; `document_mask`
+  (attention within each packed document, `LlamaConfig.document_separator`).
 - GGUF: `dequantize_q4_1`, `dequantize_q8_0`, `gguf_tensor`, `config_from_gguf`; `chat_prompt` renders a
   model's chat template.
 - Fast generation: `LlamaModel` has chapter 3's cache interface (`new_cache`, `hidden_states(idx, cache,
@@ -191,13 +192,16 @@ class GroupedQueryAttention(nn.Module):
         return projection(x).view(batch, seq, n, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
-                layer: int = 0) -> torch.Tensor:
-        """With a `cache` (section 8), `x` holds only the new positions and attends to the cached ones too."""
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """With a `cache` (section 8), `x` holds only the new positions and attends to the cached ones too.
+        Without one, `mask` (batch, 1, seq, seq) bool, True where a query may read a key, replaces the causal
+        mask (section 7's documents)."""
         q = apply_rope(self.heads(x, self.q_proj, self.n_head), cos, sin)
         k = apply_rope(self.heads(x, self.k_proj, self.n_kv_head), cos, sin)
         v = self.heads(x, self.v_proj, self.n_kv_head)
         if cache is None:
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                     enable_gqa=True)
         else:
             context = cache.attend(layer, q, k, v)
         return self.o_proj(context.transpose(1, 2).flatten(2))
@@ -214,8 +218,8 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(cfg.n_embd, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "DecodingCache | None" = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+                layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -242,6 +246,11 @@ class LlamaConfig:
     tie_embeddings: bool = knob(True, "the output layer reuses the token embedding")
     init_std: float | None = knob(None, "initial weight std; none: 0.02 at width 768, scaled as 1 / sqrt(n_embd)",
                                   resumable=True)
+    document_separator: int | None = knob(None, "the token id that ends each document of a packed training window: "
+                                                "attention stays within its document (section 7); none: every "
+                                                "token attends to all before it. A training setting: a Hugging "
+                                                "Face config has no such field, and one document's logits do not "
+                                                "depend on it")
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -272,6 +281,11 @@ class LlamaConfig:
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps!r}")
         if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             raise ConfigError("init_std", f"must be positive (or None), got {self.init_std!r}")
+        separator = self.document_separator
+        if separator is not None and (isinstance(separator, bool) or not isinstance(separator, int)
+                                      or not 0 <= separator < self.vocab_size):
+            raise ConfigError("document_separator", f"must be a token id below vocab_size ({self.vocab_size}) "
+                                                    f"or None, got {separator!r}")
 
     def _check_rope_divisors(self) -> None:
         """`rope_divisors` as a tuple of head_dim / 2 positive floats (a JSON config holds a list), alone."""
@@ -308,6 +322,16 @@ LLAMA_CONFIGS = {
     "smollm2-135m": LlamaConfig(vocab_size=49152, context_length=8192, n_layer=30, n_head=9, n_kv_head=3,
                                 n_embd=576, ffn_hidden=1536, rope_theta=100000.0, rope_scaling=None),
 }
+
+
+def document_mask(idx: torch.Tensor, separator: int) -> torch.Tensor:
+    """(batch, seq) ids of packed documents, each ended by `separator` -> (batch, 1, seq, seq) bool: True where
+    a query may read a key, i.e. the key comes no later and belongs to the same document (section 7). The
+    separator belongs to the document it ends."""
+    ends = idx == separator
+    document = ends.cumsum(dim=1) - ends.long()                          # (batch, seq): 0, 0, 0, 1, 1, ...
+    same = document[:, :, None] == document[:, None, :]                  # (batch, seq, seq)
+    return (same & torch.ones_like(same[0]).tril())[:, None]
 
 
 class LlamaModel(nn.Module):
@@ -372,16 +396,19 @@ class LlamaModel(nn.Module):
         """(batch, seq) ids -> (batch, seq, n_embd): the last layer's output after the final RMSNorm, which the
         output layer reads. With a `cache` (section 8), `idx` holds the tokens that follow the cached ones, and
         `real` (batch, seq) bool marks which of them are real (False: left padding; None: all)."""
+        mask = None
         if cache is None:
             check_token_inputs(idx, None, self.cfg.context_length)
             positions = torch.arange(idx.shape[1], device=idx.device)           # (seq,)
             cos, sin = self.rope(positions)                                     # (seq, head_dim)
+            if self.cfg.document_separator is not None:
+                mask = document_mask(idx, self.cfg.document_separator)          # (batch, 1, seq, seq)
         else:
             positions = cache.extend(idx, real)                                 # (batch, seq): per row
             cos, sin = (t[:, None] for t in self.rope(positions))               # (batch, 1, seq, head_dim)
         x = self.embed(idx, positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         return self.model.norm(x)
 
     def new_cache(self, batch: int, max_length: int) -> DecodingCache:
@@ -1086,12 +1113,13 @@ class LatentAttention(nn.Module):
         return torch.cat([self.kv_a_layernorm(c), k_rope], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "LatentCache | None" = None,
-                layer: int = 0, absorb: bool | None = None) -> torch.Tensor:
-        """With a `cache`, `x` holds the new positions only. `absorb` picks the attention path (default: the
-        absorbed one when decoding with a cache, the expanded one in training); both compute the same."""
+                layer: int = 0, mask: torch.Tensor | None = None, absorb: bool | None = None) -> torch.Tensor:
+        """With a `cache`, `x` holds the new positions only; without one, `mask` is `GroupedQueryAttention`'s.
+        `absorb` picks the attention path (default: the absorbed one when decoding with a cache, the expanded one
+        in training); both compute the same."""
         q_nope, q_rope = self.queries(x, cos, sin)
         latents = self.latents(x, cos, sin)
-        mask, is_causal = None, True
+        is_causal = mask is None
         if cache is not None:
             latents = cache.store(layer, latents)                      # (batch, all positions, rank + rope)
             mask, is_causal = cache.mask, cache.is_causal

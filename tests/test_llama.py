@@ -26,6 +26,7 @@ from ch06_llama.llama import (
     apply_rope_interleaved,
     chat_prompt,
     config_from_hf,
+    document_mask,
     dequantize_q4_1,
     dequantize_q8_0,
     download_llama_hf,
@@ -155,7 +156,9 @@ def test_released_configs_have_their_exact_parameter_counts():
     (dict(rope_divisors="1234"), "rope_divisors: must be a list of numbers"),
     (dict(rope_divisors=(1.0,) * 4, rope_scaling={"factor": 8.0}), "rope_divisors: give rope_scaling or"),
     (dict(rope_scaling=8.0), "rope_scaling"),
-    (dict(norm_eps=0), "norm_eps"), (dict(vocab_size=True), "vocab_size")])
+    (dict(norm_eps=0), "norm_eps"), (dict(vocab_size=True), "vocab_size"),
+    (dict(document_separator=97), "document_separator: must be a token id below vocab_size"),
+    (dict(document_separator=True), "document_separator")])
 def test_bad_configs_are_refused_naming_the_field(changes, match):
     with pytest.raises(ConfigError, match=match) as info:
         small(**changes)
@@ -281,6 +284,47 @@ def test_download_offline_is_a_data_unavailable_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataUnavailableError, match="could not download"):
         download_llama_hf("meta-llama/Llama-3.2-1B-Instruct", token="hf_not_a_real_token")
+
+
+# ---- documents packed into one window --------------------------------------------------------
+
+def test_document_mask_is_causal_within_each_document():
+    separator = 0
+    idx = torch.tensor([[5, 6, 0, 7, 0, 0, 8, 9], [0, 3, 3, 3, 0, 4, 4, 4]])
+    document = [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 2, 2, 2]]       # a separator ends its own document
+    expected = torch.tensor([[[j <= i and row[i] == row[j] for j in range(8)] for i in range(8)] for row in document])
+    assert torch.equal(document_mask(idx, separator), expected[:, None])
+
+
+@pytest.mark.parametrize("kind", ["llama", "hybrid-mla"])
+def test_a_packed_document_gets_the_logits_it_has_alone_only_with_the_mask(kind):
+    torch.manual_seed(0)
+    cfg = small(document_separator=0)
+    build = {"llama": lambda c: LlamaModel(c),
+             "hybrid-mla": lambda c: HybridModel(HybridConfig(**dataclasses.asdict(c), attention="mla",
+                                                              kv_lora_rank=16, rope_head_dim=4))}[kind]
+    masked = build(cfg).eval()
+    across = build(dataclasses.replace(cfg, document_separator=None)).eval()
+    across.load_state_dict(masked.state_dict())
+    first, second = torch.randint(1, 97, (1, 11)), torch.randint(1, 97, (1, 9))
+    separator = torch.zeros(1, 1, dtype=torch.long)
+    packed = torch.cat([first, separator, second, separator], dim=1)
+    alone = torch.cat([second, separator], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(masked(packed)[:, 12:], masked(alone), atol=1e-5)
+        assert torch.equal(masked(first), across(first))                  # no separator: the causal mask
+        assert not torch.allclose(across(packed)[:, 12:], across(alone), atol=1e-3)
+    loss = masked(packed, packed)                                          # it trains: the loss has gradients
+    loss.backward()
+    assert masked.model.embed_tokens.weight.grad is not None
+
+
+def test_the_trainer_takes_a_document_separator():
+    from ch04_pretraining.__main__ import parse_args
+
+    cfg, _, _ = parse_args(["--arch", "llama", "--scale", "smoke", "--document-separator", "0"])
+    assert cfg.model["document_separator"] == 0
+    assert cfg.build_model(65).cfg.document_separator == 0
 
 
 # ---- the hybrid of the ablation ------------------------------------------------------------
