@@ -7,7 +7,8 @@
 2. Against `transformers` `generate(do_sample=False)`, with the same weights and the same tokens out: GPT-2
    124M's shape and the real SmolLM2-135M-Instruct (from the GGUF mirror), batch 1 and batch 8, our plain
    fp32 model, the same model after `pack_for_decoding`, with int8 weights through PyTorch's weight-only int8
-   kernel (`torch._weight_int8pack_mm`, bf16 activations; the default of `quantize_for_decoding`), and
+   kernel (`torch._weight_int8pack_mm`, bf16 activations; the default of `quantize_for_decoding`), with 4-bit
+   blocks through its int4 kernel (`quantize_int4_for_decoding`; on SmolLM2 the GGUF file's own blocks), and
    (optional, where torch.compile works) through our compiled matrix-vector kernel in fp32 and with int8
    weights; for SmolLM2 also llama.cpp on the same
    GGUF file where `llama-cpp-python` is installed (optional). Contestants alternate round by round, so the
@@ -27,14 +28,15 @@ import warnings
 import torch
 
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, generate
-from ch06_llama.llama import (
+from ch06_llama.decoding import (
     DecodeLinear,
-    LlamaModel,
     decode_bytes_per_token,
     measure_read_bandwidth,
     pack_for_decoding,
     quantize_for_decoding,
+    quantize_int4_for_decoding,
 )
+from ch06_llama.llama import LlamaModel
 from shared.data import fetch
 
 with warnings.catch_warnings():
@@ -91,7 +93,8 @@ def race(name: str, ours: torch.nn.Module, hf_class, batch: int, new_tokens: int
     hf.generation_config.eos_token_id = None           # no end-of-text stop: every contestant runs new_tokens
     variants = {"ours, KV cache": ours,
                 "ours, KV cache + packed weights": pack_for_decoding(copy.deepcopy(ours), batch_hint=batch),
-                "ours, int8 (PyTorch's kernel)": quantize_for_decoding(copy.deepcopy(ours))}
+                "ours, int8 (PyTorch's kernel)": quantize_for_decoding(copy.deepcopy(ours)),
+                "ours, 4-bit (PyTorch's int4 kernel)": quantize_int4_for_decoding(copy.deepcopy(ours))}
     if DecodeLinear.kernel() is not None:                                        # optional: torch.compile
         variants["ours, compiled kernel, fp32"] = quantize_for_decoding(copy.deepcopy(ours), int8=False,
                                                                          compiled=True)

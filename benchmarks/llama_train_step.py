@@ -15,7 +15,8 @@ import torch
 from train_step import hf_step, interleaved_seconds, ours_step, print_evaluation_race, race_arguments
 
 from ch04_pretraining.pretraining import configure_optimizer
-from ch06_llama.llama import LlamaConfig, LlamaModel, swiglu_hidden_size
+from ch06_llama.layers import LlamaConfig, swiglu_hidden_size
+from ch06_llama.llama import LlamaModel
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -18,7 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ch06_llama.llama import Chat, download_llama_hf, load_chat_model, pack_for_decoding
+from ch06_llama.chat import Chat, load_chat_model
+from ch06_llama.checkpoints import download_llama_hf
+from ch06_llama.decoding import pack_for_decoding
 from shared.data import DataUnavailableError
 from shared.device import get_device
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from ch01_tokenization.tokenization import BPETokenizer
-from ch06_llama.llama import (
-    Chat,
-    ChatModel,
-    LlamaConfig,
-    LlamaModel,
-    TextStream,
-    end_of_turn_id,
-    gguf_metadata,
-    load_chat_model,
-)
+from ch06_llama.chat import Chat, ChatModel, TextStream, end_of_turn_id, load_chat_model
+from ch06_llama.checkpoints import gguf_metadata
+from ch06_llama.layers import LlamaConfig
+from ch06_llama.llama import LlamaModel
 from shared.data import fetch
 
 

@@ -16,24 +16,27 @@ from ch03_gpt_model.gpt import (
     output_layer,
     supports_cache,
 )
-from ch06_llama.llama import (
-    LLAMA_CONFIGS,
+from ch06_llama.checkpoints import dequantize_q4_1, quantize_q4_1
+from ch06_llama.decoding import (
     DecodeLinear,
+    Int4Linear,
+    PackedLinear,
+    decode_bytes_per_token,
+    pack_for_decoding,
+    quantize_for_decoding,
+    quantize_int4,
+    quantize_int4_for_decoding,
+    quantize_int8,
+)
+from ch06_llama.layers import LLAMA_CONFIGS, LlamaConfig, rope_cos_sin, rope_frequencies
+from ch06_llama.llama import (
     HybridConfig,
     HybridModel,
     LatentAttention,
     LatentCache,
-    LlamaConfig,
     LlamaModel,
-    PackedLinear,
-    decode_bytes_per_token,
     kv_cache_bytes_per_token,
     latent_cache_bytes_per_token,
-    pack_for_decoding,
-    quantize_for_decoding,
-    quantize_int8,
-    rope_cos_sin,
-    rope_frequencies,
 )
 from shared.config import ConfigError
 
@@ -441,16 +444,43 @@ def test_a_quantized_model_reads_a_quarter_of_the_bytes_and_still_generates(name
     assert out.shape == (len(PROMPTS), idx.shape[1] + 10)
 
 
-def test_int8_smollm_stays_close_to_fp32():
-    from ch06_llama.llama import load_chat_model
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_smollm_stays_close_to_fp32(bits):
+    from ch06_llama.chat import load_chat_model
 
     chat_model = load_chat_model()
     fp32 = chat_model.model
-    int8 = quantize_for_decoding(copy.deepcopy(fp32))
+    quantize = quantize_for_decoding if bits == 8 else quantize_int4_for_decoding
+    quantized = quantize(copy.deepcopy(fp32))
     text = "The quick brown fox jumps over the lazy dog. " * 3 + "Paris is the capital of France, and Rome of Italy."
     ids = torch.tensor([chat_model.tokenizer.encode(text)])
     with torch.no_grad():
-        logits = [output_layer(m)(m.hidden_states(ids[:, :-1]))[0] for m in (fp32, int8)]
+        logits = [output_layer(m)(m.hidden_states(ids[:, :-1]))[0] for m in (fp32, quantized)]
     losses = [torch.nn.functional.cross_entropy(values, ids[0, 1:]).item() for values in logits]
     agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
     assert abs(losses[1] - losses[0]) < 0.05 and agreement > 0.9
+
+
+def test_int4_finds_a_q4_1_files_blocks_again():
+    weight = torch.randn(32, 128) * torch.logspace(-2, 0, 32)[:, None]
+    stored = torch.from_numpy(dequantize_q4_1(quantize_q4_1(weight.numpy())).reshape(32, 128).copy())
+    q, scale, low = quantize_int4(stored)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and scale.shape == (32, 4)
+    again = q.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
+    torch.testing.assert_close(again, stored, atol=1e-6, rtol=1e-5)          # the file's blocks, found again
+
+
+def test_int4_linear_multiplies_by_its_blocks_and_falls_back_where_it_cannot():
+    assert Int4Linear.available()                          # the pinned PyTorch has the kernel on every CPU
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    q, scale, low = quantize_int4(layer.weight)
+    expected_weight = q.float() * scale.repeat_interleave(32, 1) + low.repeat_interleave(32, 1)
+    int4 = Int4Linear(layer.weight, layer.bias)
+    for x in (torch.randn(1, 64), torch.randn(2, 3, 64)):
+        expected = torch.nn.functional.linear(x, expected_weight, layer.bias)
+        assert ((int4(x) - expected).norm() / expected.norm()).item() < 1e-2          # bf16 activations
+    model = quantize_int4_for_decoding(torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(40, 24),
+                                                           torch.nn.Linear(64, 24)))
+    assert [type(m).__name__ for m in model] == ["Int4Linear", "DecodeLinear", "DecodeLinear"]
+    assert model[0].weight_bytes == 48 * 64 // 2 + 2 * 2 * 48 * 2          # 4 bits a weight, 2 bf16 a block

@@ -12,32 +12,30 @@ import transformers
 
 from ch01_tokenization.tokenization import BPETokenizer
 from ch03_gpt_model.gpt import generate
-from ch06_llama.llama import (
+from ch06_llama.chat import chat_prompt
+from ch06_llama.checkpoints import (
+    config_from_hf,
+    dequantize_q4_1,
+    dequantize_q8_0,
+    download_llama_hf,
+    quantize_q4_1,
+    special_tokens_from_hf,
+)
+from ch06_llama.layers import (
     LLAMA_CONFIGS,
-    GeluMLP,
     GroupedQueryAttention,
-    HybridConfig,
-    HybridModel,
     LlamaConfig,
-    LlamaModel,
     RMSNorm,
     RopeScaling,
     apply_rope,
     apply_rope_interleaved,
-    chat_prompt,
-    config_from_hf,
-    document_mask,
-    dequantize_q4_1,
-    dequantize_q8_0,
-    download_llama_hf,
     half_to_interleaved,
     interleaved_to_half,
-    quantize_q4_1,
     rope_cos_sin,
     rope_frequencies,
-    special_tokens_from_hf,
     swiglu_hidden_size,
 )
+from ch06_llama.llama import GeluMLP, HybridConfig, HybridModel, LlamaModel, document_mask
 from shared.config import ConfigError
 from shared.data import DataUnavailableError, fetch, read_text
 
