@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ch03_gpt_model.gpt import output_weight
+
 
 class PackedLinear(nn.Module):
     """A frozen `nn.Linear` for inference whose weight is stored in oneDNN's blocked layout: the layout its
@@ -257,15 +259,20 @@ class Int4Linear(nn.Module):
 
 
 def quantize_int4_for_decoding(model: nn.Module, group: int = 32) -> nn.Module:
-    """Every linear layer of a CPU `model` (and a tied output layer) as an `Int4Linear`, in place; a layer whose
-    input width is not a multiple of `group` or output width not a multiple of 16, or any layer where the kernel
-    does not run (a GPU, another build), becomes an int8 `DecodeLinear` instead. For generation only."""
+    """Every linear layer of a CPU `model` as an `Int4Linear`, in place, but the output layer, which becomes an
+    int8 `DecodeLinear` (as GGUF files keep it 8-bit: in 4 bits it costs far more than any other layer). A layer
+    whose input width is not a multiple of `group` or output width not a multiple of 16, or any layer where the
+    kernel does not run (a GPU, another build), becomes an int8 `DecodeLinear` too. For generation only."""
     cpu = next(model.parameters()).device.type == "cpu"
     int4 = cpu and Int4Linear.available(group)
+    head = output_weight(model)                         # the embedding of a tied model, or lm_head's weight
 
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         if int4 and weight.shape[1] % group == 0 and weight.shape[0] % 16 == 0:
             return Int4Linear(weight, bias, group)
         return DecodeLinear(weight, bias)
 
-    return replace_linear_layers(model, make)
+    replace_linear_layers(model, make)
+    if head is not None:
+        model.lm_head = DecodeLinear(head)
+    return model

@@ -484,3 +484,16 @@ def test_int4_linear_multiplies_by_its_blocks_and_falls_back_where_it_cannot():
                                                            torch.nn.Linear(64, 24)))
     assert [type(m).__name__ for m in model] == ["Int4Linear", "DecodeLinear", "DecodeLinear"]
     assert model[0].weight_bytes == 48 * 64 // 2 + 2 * 2 * 48 * 2          # 4 bits a weight, 2 bf16 a block
+
+
+def test_a_4_bit_llama_keeps_its_output_layer_in_8_bits_and_generates():
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                   ffn_hidden=128, rope_scaling=None)).eval()
+    quantized = quantize_int4_for_decoding(copy.deepcopy(model))
+    assert isinstance(quantized.lm_head, DecodeLinear) and quantized.lm_head.int8
+    assert all(isinstance(m, Int4Linear) for name, m in quantized.named_modules() if name.endswith("_proj"))
+    assert 0.15 < decode_bytes_per_token(quantized) / decode_bytes_per_token(model) < 0.25
+    idx, mask = left_pad([[5, 6, 7], [8, 9]])
+    out = generate(quantized, idx, 6, temperature=0, attention_mask=mask)
+    assert out.shape == (2, 9)
