@@ -101,7 +101,7 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-# ---- Fewer bytes per weight: int8 ------------------------------------------------------------------------
+# ---- Fewer bytes per weight: int8, and the file's 4 bits -------------------------------------------------
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization with one scale per output channel: weight (out, in) -> (q, scale), q int8
