@@ -745,9 +745,15 @@ def flops_per_token(cfg: GPTConfig, seq: int | None = None, n_params: int | None
 # "mixed" is bf16 or fp16 on tensor cores, "tf32" is fp32 matmuls on tensor cores (TF32 enabled), "fp32"
 # is plain fp32. Looked up by the model's name in `torch.cuda.get_device_name()`, first match wins.
 GPU_PEAK_FLOPS = {
+    "B200": {"mixed": 2250e12, "tf32": 1125e12, "fp32": 75e12},       # HGX B200, per GPU
+    "H200 NVL": {"mixed": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "H200": {"mixed": 989e12, "tf32": 495e12, "fp32": 67e12},         # SXM
     "H100 PCIe": {"mixed": 756e12, "tf32": 378e12, "fp32": 51e12},
     "H100": {"mixed": 989e12, "tf32": 495e12, "fp32": 67e12},         # SXM
     "A100": {"mixed": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"mixed": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "RTX 4090": {"mixed": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},  # bf16/fp16 with fp32 accumulation
+    "A10": {"mixed": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
     "L4": {"mixed": 121e12, "tf32": 60e12, "fp32": 30.3e12},
     "V100": {"mixed": 125e12, "tf32": 15.7e12, "fp32": 15.7e12},       # no TF32: fp32 matmuls stay fp32
     "T4": {"mixed": 65e12, "tf32": 8.1e12, "fp32": 8.1e12},
@@ -770,8 +776,10 @@ def peak_flops(device, precision: str = "fp32", gpu_name: str | None = None) -> 
     """(peak FLOP/s, where the figure comes from) to compute MFU against on `device`.
 
     `precision` is "mixed" (bf16/fp16 autocast), "tf32" or "fp32". A known CUDA GPU gets its datasheet
-    peak; a CPU, Apple's MPS or an unknown GPU get a measured matmul peak in fp32, which is lower than
-    any datasheet figure would be (so MFU against it reads higher). `gpu_name` overrides the query.
+    peak; a CPU or Apple's MPS gets a measured fp32 matmul peak (lower than a datasheet figure would be, so
+    MFU against it reads higher). A CUDA GPU missing from `GPU_PEAK_FLOPS` gets NaN and a source that says
+    so: a measured fp32 peak is no yardstick for a run on its tensor cores (MFU would pass 100 %), so no MFU
+    is better than a wrong one. `gpu_name` overrides the query.
     """
     device = torch.device(device)
     if precision not in ("mixed", "tf32", "fp32"):
@@ -781,6 +789,8 @@ def peak_flops(device, precision: str = "fp32", gpu_name: str | None = None) -> 
         for model_name, peaks in GPU_PEAK_FLOPS.items():
             if re.search(rf"\b{model_name}\b", gpu_name):
                 return peaks[precision], f"{gpu_name} datasheet, {precision}"
+        return math.nan, (f"no datasheet figure for {gpu_name}: MFU is not computed (add its dense peak FLOP/s "
+                          f"to GPU_PEAK_FLOPS)")
     return measure_peak_flops(device), f"measured fp32 matmul peak of this {device.type}"
 
 

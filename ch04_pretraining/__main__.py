@@ -34,7 +34,7 @@ from ch04_pretraining.pretraining import (
     scale_preset,
     train,
 )
-from shared.config import add_flag, flag, flag_type
+from shared.config import BriefParser, add_flag, flag, flag_type
 from shared.device import get_device
 
 PROG = "python -m ch04_pretraining"
@@ -49,7 +49,7 @@ def train_parser(arch: str = "gpt", scale: str = "cpu") -> argparse.ArgumentPars
     """The training command's parser: --scale, --arch, --resume, --overwrite, the model's settings (the fields
     of `arch`'s config) and the training settings (TrainConfig's fields), each with its help and default."""
     defaults = scale_preset(scale, arch, gpu_memory_bytes=16e9)
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0] + f" Defaults shown are the "
+    parser = BriefParser(prog=PROG, description=__doc__.split("\n")[0] + f" Defaults shown are the "
                                      f"{scale} preset's for {arch}; --scale and --arch pick another preset.")
     parser.add_argument("--scale", choices=["smoke", "cpu", "gpu"], default="cpu",
                         help="preset to start from: smoke (seconds), cpu (a minute or two), gpu (a ~124M model, "
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool, bool]:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} sample",
+    parser = BriefParser(prog=f"{PROG} sample",
                                      description="Generate text from the newest checkpoint of a training run.")
     parser.add_argument("--out-dir", required=True, help="the run's folder")
     parser.add_argument("--prompt", default="", help="text to continue; a prompt longer than the model's context "

@@ -708,6 +708,12 @@ def distributed_context() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's (which sets RANK and WORLD_SIZE): then it trains with DDP,
+    even as the only process, so that the DDP path can be run and checked on one GPU."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def join_processes(device: torch.device, local_rank: int) -> torch.device:
     """Join torchrun's process group (NCCL on CUDA, gloo otherwise); each process gets its own GPU."""
     if device.type == "cuda":
@@ -849,21 +855,24 @@ def restore(out_dir: Path, cfg: TrainConfig, model, optimizer, data) -> tuple[in
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     if cfg.time_budget_min and state["config"]["max_steps"] < cfg.max_steps:
-        cfg = replace(cfg, max_steps=state["config"]["max_steps"])
+        cfg = replace(cfg, max_steps=state["config"]["max_steps"], warmup_steps=state["config"]["warmup_steps"])
     return state["step"], cfg
 
 
 def fit_to_budget(cfg: TrainConfig, step: int, seconds_per_step: float, elapsed: float, eval_seconds: float,
                   ddp: bool, device, log) -> TrainConfig:
-    """`cfg` with `max_steps` shortened to what the rest of the time budget allows (the same on every process)."""
+    """`cfg` with `max_steps` shortened to what the rest of the time budget allows (the same on every process),
+    and `warmup_steps` shortened with it, so that the warm-up keeps its share of the schedule (a warm-up longer
+    than the fitted run would leave no room for the decay)."""
     fitted = steps_within_budget(step, seconds_per_step, 60 * cfg.time_budget_min - elapsed, eval_seconds,
                                  cfg.eval_interval, cfg.max_steps)
     fitted = int(reduce_value(fitted, dist.ReduceOp.MIN, ddp, device))
     if fitted >= cfg.max_steps:
         return cfg
+    warmup = min(cfg.warmup_steps, max(1, round(cfg.warmup_steps * fitted / cfg.max_steps)))
     log(f"{seconds_per_step:.3f} s per step: the schedule is fitted to the time budget, "
-        f"{fitted} steps instead of {cfg.max_steps}")
-    return replace(cfg, max_steps=fitted)
+        f"{fitted} steps instead of {cfg.max_steps}, warm-up {warmup} instead of {cfg.warmup_steps}")
+    return replace(cfg, max_steps=fitted, warmup_steps=warmup)
 
 
 @dataclass
@@ -888,7 +897,8 @@ class Run:
 
     @property
     def ddp(self) -> bool:
-        return self.world > 1
+        """Whether the run is one of DDP's processes (it joined torchrun's process group)."""
+        return dist.is_available() and dist.is_initialized()
 
     @property
     def device(self) -> torch.device:
@@ -927,7 +937,7 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
     what only the data or a base model decide) is the one saved, resumed and trained with; `data` is a
     TokenWindows or an object with its methods. `command` is the command line the summary suggests."""
     rank, local_rank, world = distributed_context()
-    ddp = world > 1
+    ddp = launched_by_torchrun()
     device = join_processes(get_device(cfg.device), local_rank) if ddp else get_device(cfg.device)
     main = rank == 0
     log = (log or print_above_progress) if main else (lambda message: None)
@@ -1027,8 +1037,8 @@ def training_loop(run: Run, stop: StopRequests, log: Callable[[str], None], prog
     summary = {"best_val_loss": best["val_loss"], "best_step": best["step"], "wall_s": clock() - start,
                "checkpoint": str(checkpoint_paths(run.out_dir, run.step)[0]), "stopped_by": stopped}
     log(run_summary(run, last, summary))
-    return {**last, "evaluated_step": last.get("step"), "step": run.step, **summary, "model": raw_model,
-            "tokenizer": run.tokenizer, "interrupted": stop.received is not None}
+    return {**last, "evaluated_step": last.get("step"), "step": run.step, "max_steps": cfg.max_steps, **summary,
+            "model": raw_model, "tokenizer": run.tokenizer, "interrupted": stop.received is not None}
 
 
 def evaluate(run: Run, tokens_per_s: float, elapsed: float) -> dict:

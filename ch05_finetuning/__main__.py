@@ -25,7 +25,7 @@ from ch04_pretraining.__main__ import run_or_report
 from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
 from ch05_finetuning.finetuning import FinetuneConfig, finetune, finetune_preset, pretrain_small_base
 from ch05_finetuning.rl import arithmetic_splits, arithmetic_text
-from shared.config import add_flag, flag
+from shared.config import BriefParser, add_flag, flag
 from shared.files import atomic_write
 
 PROG = "python -m ch05_finetuning"
@@ -37,7 +37,7 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
     """The parser of one task: --scale, --resume, --overwrite and the fields of the task's config class, with the
     preset's values as defaults."""
     defaults = finetune_preset(task, scale)
-    parser = argparse.ArgumentParser(prog=f"{PROG} {task}", description=__doc__.split("\n")[0] +
+    parser = BriefParser(prog=f"{PROG} {task}", description=__doc__.split("\n")[0] +
                                      f" Defaults shown are the {scale} preset's.")
     parser.add_argument("--scale", choices=["smoke", "cpu", "gpu"], default="gpu",
                         help="preset to start from (default: gpu, OpenAI's GPT-2)")
@@ -54,7 +54,7 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
     if not argv or argv[0] not in FinetuneConfig.TASKS:
-        top = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+        top = BriefParser(prog=PROG, description=__doc__.split("\n")[0])
         top.add_argument("task", choices=list(FinetuneConfig.TASKS),
                          help="classify (SMS spam), instruct (Alpaca instructions), reward (a reward model on "
                               "preference pairs), dpo (direct preference optimisation), grpo or ppo (reinforcement "
@@ -88,7 +88,7 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
 
 def write_arithmetic_text(argv: list[str]) -> int:
     """`arithmetic-text FILE`: the training sums, one per line, for chapter 4 to train a grpo base on."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} arithmetic-text",
+    parser = BriefParser(prog=f"{PROG} arithmetic-text",
                                      description="Write the arithmetic training problems as text, one sum per "
                                                  "line, for `python -m ch04_pretraining --data FILE --tokenizer "
                                                  "char` to teach a base the answer format.")
@@ -102,7 +102,7 @@ def write_arithmetic_text(argv: list[str]) -> int:
 
 def write_small_base(argv: list[str]) -> int:
     """`small-base DIR [--steps N]`: pretrain the small base that the cpu and smoke presets start from."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} small-base",
+    parser = BriefParser(prog=f"{PROG} small-base",
                                      description="Pretrain the small base of the cpu and smoke scales (English and "
                                                  "skill sentences, a 4,096-token BPE, chapter 4's train) into DIR; "
                                                  "about 12 minutes on 2 CPU cores.")

@@ -21,6 +21,7 @@ from pathlib import Path
 from ch06_llama.chat import Chat, load_chat_model
 from ch06_llama.checkpoints import download_llama_hf
 from ch06_llama.decoding import pack_for_decoding
+from shared.config import BriefParser
 from shared.data import DataUnavailableError
 from shared.device import get_device
 
@@ -28,7 +29,7 @@ PROG = "python -m ch06_llama"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = BriefParser(prog=PROG, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="chat with a model, streaming its answers",
                                description=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)

@@ -4,11 +4,13 @@ Every configuration dataclass of the book (chapter 3's `GPTConfig`, chapter 4's 
 `LlamaConfig`) declares its fields with `knob`, so the command line can offer each field as a flag with a
 line of help, and refuses a bad value with `ConfigError`, which names the field (the command line shows it
 as `--field-name`). `add_flag` is that flag: the command lines of chapters 4 and 5 build their parsers with it.
+`BriefParser` is their argument parser: a mistake costs one line and a hint, not the whole usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import Field, field
 
 
@@ -55,3 +57,13 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, setting:
     else:
         parser.add_argument(flag(setting.name), type=kind, default=None, metavar=setting.name.upper(),
                             help=help_text)
+
+
+class BriefParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line, then where to find the flags: the usage
+    argparse prints first runs to dozens of lines for a parser with a flag per setting, and hides the error.
+    Exits with status 2, as argparse does."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags)\n")
+        sys.exit(2)

@@ -4,7 +4,8 @@
   wrong losses); otherwise the CPU.
 - `seed_everything(seed)`: the same random numbers from Python, NumPy and torch on every run.
 - `choose_precision(device)`: the autocast dtype and whether a GradScaler is needed: bf16 where the
-  GPU supports it, fp16 with a scaler on older GPUs (T4, V100), fp32 on CPU and MPS.
+  GPU's tensor cores compute it (compute capability 8.0 and newer), fp16 with a scaler on older GPUs (T4,
+  V100), fp32 on CPU and MPS.
 """
 
 from __future__ import annotations
@@ -78,17 +79,25 @@ class Precision:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
+def bf16_in_hardware(device: torch.device | str) -> bool:
+    """Whether the CUDA GPU `device` computes bf16 on its tensor cores: compute capability 8.0 and newer
+    (Ampere, Ada, Hopper, Blackwell). `torch.cuda.is_bf16_supported()` answers True on older GPUs too (a T4
+    is 7.5), because bf16 runs there by emulation: without tensor cores, and without the fused attention
+    kernels, so a run sized for fp16 would be slow and could run out of memory."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_precision(device: torch.device | str, bf16_supported: bool | None = None) -> Precision:
     """The mixed-precision recipe for `device`.
 
-    CUDA with bf16 (Ampere and newer): bf16, no scaler. Older CUDA GPUs (T4, V100): fp16 with a
-    GradScaler. CPU and MPS: fp32. `bf16_supported` overrides the query (for tests).
+    CUDA with bf16 in hardware (Ampere and newer, `bf16_in_hardware`): bf16, no scaler. Older CUDA GPUs
+    (T4, V100): fp16 with a GradScaler. CPU and MPS: fp32. `bf16_supported` overrides the query.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return Precision(dtype=None, use_grad_scaler=False)
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
+        bf16_supported = bf16_in_hardware(device)
     if bf16_supported:
         return Precision(dtype=torch.bfloat16, use_grad_scaler=False)
     return Precision(dtype=torch.float16, use_grad_scaler=True)

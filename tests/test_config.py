@@ -2,7 +2,7 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from shared.config import ConfigError, knob
+from shared.config import BriefParser, ConfigError, knob
 
 
 def test_knob_carries_help_and_resumability_and_the_error_names_the_field():
@@ -44,3 +44,15 @@ def test_add_flag_offers_a_knob_on_the_command_line():
         parser.parse_args(["--n-embd", "wide"])
     with pytest.raises(ValueError, match="nested: .* cannot be a flag"):
         add_flag(parser, nested, None)
+
+
+def test_a_command_line_mistake_costs_one_line_and_a_hint(capsys):
+    parser = BriefParser(prog="python -m somewhere")
+    for name in range(30):                               # a parser with a flag per setting: a long usage
+        parser.add_argument(f"--setting-{name}", type=int, default=0)
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--setting-3", "three"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["python -m somewhere: error: argument --setting-3: invalid int value: 'three'",
+                   "(`python -m somewhere --help` lists the flags)"]

@@ -48,6 +48,15 @@ def test_torch_version_tuple():
     assert dev.torch_version_tuple("3.0") == (3, 0)
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
+                                                   ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_bf16_only_where_the_tensor_cores_compute_it(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)   # emulation says yes
+    precision = dev.choose_precision("cuda")
+    assert precision.name == expected and precision.use_grad_scaler == (expected == "fp16")
+
+
 def test_precision_choice_per_device():
     cpu = dev.choose_precision("cpu")
     assert cpu.dtype is None and not cpu.use_grad_scaler and cpu.name == "fp32"

@@ -473,9 +473,14 @@ def test_peak_flops_from_the_datasheet_or_measured(monkeypatch):
     assert gpt.peak_flops("cuda", "tf32", gpu_name="NVIDIA A100-SXM4-80GB")[0] == 156e12
     assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA H100 PCIe")[0] == 756e12
     assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA H100 80GB HBM3")[0] == 989e12
+    for name, expected in [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12),
+                           ("NVIDIA A10", 125e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                           ("NVIDIA B200", 2250e12), ("NVIDIA A100 80GB PCIe", 312e12)]:
+        assert gpt.peak_flops("cuda", "mixed", gpu_name=name)[0] == expected, name
     monkeypatch.setattr(gpt, "measure_peak_flops", lambda device: 1.0)
-    assert gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA L40S") == (1.0, "measured fp32 matmul peak of this cuda")
-    assert gpt.peak_flops("cpu", "mixed")[1] == "measured fp32 matmul peak of this cpu"
+    peak, source = gpt.peak_flops("cuda", "mixed", gpu_name="NVIDIA A10G")         # no NVIDIA datasheet
+    assert math.isnan(peak) and "no datasheet figure for NVIDIA A10G" in source
+    assert gpt.peak_flops("cpu", "mixed") == (1.0, "measured fp32 matmul peak of this cpu")
     with pytest.raises(ValueError, match="precision must be"):
         gpt.peak_flops("cpu", "bf16")
 

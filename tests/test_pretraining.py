@@ -436,13 +436,26 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_it(tmp_path):
     lines = []
     cfg = tiny_config(tmp_path, max_steps=1_000_000, eval_interval=100_000, time_budget_min=0.05)
     result = train(cfg, log=lines.append, progress=False, clock=TickingClock(0.005))
-    fitted = load_checkpoint(tmp_path)[1]["config"]["max_steps"]
+    saved = load_checkpoint(tmp_path)[1]["config"]
+    fitted = saved["max_steps"]
     assert 40 < fitted < 1_000_000 and any("fitted to the time budget" in line for line in lines)
+    assert saved["warmup_steps"] == max(1, round(cfg.warmup_steps * fitted / 1_000_000))   # its share kept
     last = read_metrics(tmp_path)[-1]
-    assert result["step"] == last["step"] == fitted and last["lr"] == cfg.min_lr     # annealed, not cut off
+    assert result["step"] == last["step"] == result["max_steps"] == fitted and last["lr"] == cfg.min_lr
     assert result["stopped_by"] is None
     again = train(cfg, resume=True, progress=False, log=lambda m: None, clock=TickingClock(0.005))
     assert again["step"] == fitted
+
+
+def test_a_warm_up_longer_than_the_fitted_run_shrinks_with_it(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=10_000, warmup_steps=2_000, eval_interval=100_000, time_budget_min=0.05)
+    result = train(cfg, log=lambda m: None, progress=False, clock=TickingClock(0.005))
+    saved = load_checkpoint(tmp_path)[1]["config"]
+    assert saved["warmup_steps"] == round(2_000 * result["max_steps"] / 10_000) < result["max_steps"]
+    rows = read_metrics(tmp_path)
+    assert rows[-1]["lr"] == cfg.min_lr                               # it warmed up, then decayed to the end
+    again = train(cfg, resume=True, progress=False, log=lambda m: None, clock=TickingClock(0.005))
+    assert again["step"] == result["max_steps"]                       # the resumed run keeps the fitted schedule
 
 
 def test_the_clock_stops_a_run_whose_schedule_was_too_hopeful(tmp_path, monkeypatch):
