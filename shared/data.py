@@ -8,13 +8,16 @@
 4. at the file's URLs, primary first, then the backups, with a progress bar.
 
 Every copy is checked against its sha256 (or, for files too large to pin, a minimum size) before it is
-used. A download is written to a temporary file beside the cache and renamed into place only once it
-checks out, so a corrupted or interrupted download never leaves a file behind.
+used. A download is written beside the cache, to `<file>.part`, and renamed into place only once it is as
+long as the server said and checks out, so a corrupted or interrupted download never leaves a usable-looking
+file behind. An interrupted one leaves its `.part`, and the next `fetch` goes on from there (an HTTP range
+request) instead of starting the 2 GB again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -237,7 +240,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     for url in entry.urls:
         try:
             return _download(entry, url, cached, progress=progress)
-        except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, zipfile.BadZipFile) as err:
             failures.append(f"  {url}: {err}")
 
     tried = "\n".join(failures) if failures else "  (this file has no download URL: it ships with the repository)"
@@ -250,37 +253,89 @@ def fetch(name: str, *, progress: bool = True) -> Path:
 
 
 def _download(entry: DataFile, url: str, dest: Path, *, progress: bool) -> Path:
-    """Download `url` to a temporary file next to `dest`, verify it, rename it into place."""
+    """Download `url` to `dest`: through `<dest>.part`, resumed where an earlier try stopped, verified, then
+    renamed into place. A zip archive is read whole in memory and its member written the same way."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if entry.zip_member is not None:
+        def write_member(tmp: str) -> None:
+            buffer = io.BytesIO()
+            _copy_url(url, buffer, progress=progress, label=entry.filename)
+            with zipfile.ZipFile(buffer) as archive, archive.open(entry.zip_member) as member, \
+                    open(tmp, "wb") as out:
+                shutil.copyfileobj(member, out)
+            _raise_if_corrupt(entry, Path(tmp))
 
-    def write_verified(tmp: str) -> None:
-        with open(tmp, "wb") as out:
-            if entry.zip_member is None:
-                _copy_url(url, out, progress=progress, label=entry.filename)
-            else:
-                buffer = io.BytesIO()
-                _copy_url(url, buffer, progress=progress, label=entry.filename)
-                with zipfile.ZipFile(buffer) as archive, archive.open(entry.zip_member) as member:
-                    shutil.copyfileobj(member, out)
-        problem = verify(entry, Path(tmp))
-        if problem is not None:
-            raise ValueError(f"downloaded file is corrupt: {problem}")
+        return atomic_write(dest, write_member)
+    part = dest.with_name(dest.name + ".part")
+    _download_resuming(url, part, progress=progress, label=entry.filename)
+    try:
+        _raise_if_corrupt(entry, part)
+    except ValueError:
+        part.unlink()                                  # complete but wrong: the next try starts afresh
+        raise
+    os.replace(part, dest)
+    return dest
 
-    return atomic_write(dest, write_verified)
+
+def _raise_if_corrupt(entry: DataFile, path: Path) -> None:
+    problem = verify(entry, path)
+    if problem is not None:
+        raise ValueError(f"downloaded file is corrupt: {problem}")
+
+
+def _download_resuming(url: str, part: Path, *, progress: bool, label: str) -> None:
+    """Download `url` into `part`, going on from the bytes an earlier, stopped download left there (an HTTP
+    range request; a server that ignores it sends the whole file, which replaces them). A ValueError when the
+    stream ends before the length the server announced: the bytes so far stay in `part` for the next try."""
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "llm-from-scratch-companion"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not have:              # 416: the range starts past the end of the file
+            raise
+        part.unlink()                                  # what we had is not a beginning of this file
+        return _download_resuming(url, part, progress=progress, label=label)
+    with response:
+        resumed = response.status == 206
+        length = int(response.headers.get("Content-Length") or 0) or None
+        total = (have + length if length is not None else None) if resumed else length
+        with open(part, "ab" if resumed else "wb") as out:
+            _copy_stream(response, out, progress=progress, label=label, total=total, done=have if resumed else 0)
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise ValueError(f"the download stopped at {size:,} of {total:,} bytes; fetch again to resume it")
 
 
 def _copy_url(url: str, out, *, progress: bool, label: str) -> None:
     """Stream `url` into the binary file object `out`, with a tqdm bar on stderr."""
-    from tqdm import tqdm
-
     request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch-companion"})
     with urllib.request.urlopen(request, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not progress,
-                  file=sys.stderr) as bar:
-            for block in iter(lambda: response.read(1 << 16), b""):
-                out.write(block)
-                bar.update(len(block))
+        _copy_stream(response, out, progress=progress, label=label, total=total)
+        if total is not None and out.tell() < total:
+            raise ValueError(f"the download stopped at {out.tell():,} of {total:,} bytes")
+
+
+def _copy_stream(response, out, *, progress: bool, label: str, total: int | None, done: int = 0) -> None:
+    """Copy an HTTP response's body into `out` with a progress bar; a body cut short ends the copy early
+    (what arrived is kept: the caller compares the length with the announced one)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=label, disable=not progress,
+              file=sys.stderr) as bar:
+        while True:
+            try:
+                block = response.read(1 << 16)
+            except http.client.IncompleteRead as err:
+                out.write(err.partial)
+                break
+            if not block:
+                break
+            out.write(block)
+            bar.update(len(block))
 
 
 def read_text(name: str) -> str:

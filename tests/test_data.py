@@ -184,3 +184,78 @@ def test_http_download_with_progress_and_404_fallback(env, monkeypatch, capsys):
         server.shutdown()
     assert path.read_bytes() == CONTENT
     assert "test.txt" in capsys.readouterr().err  # the progress bar, on stderr
+
+
+class _RangeServer:
+    """A local HTTP server of one file that honours `Range: bytes=N-` (unless `ranges` is False), and can cut
+    its first answers short after `cut` bytes of body, as a dropped connection would."""
+
+    def __init__(self, content: bytes, cut: int | None = None, ranges: bool = True, cuts: int = 1):
+        self.content, self.cut, self.ranges, self.cuts_left, self.seen = content, cut, ranges, cuts, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                asked = self.headers.get("Range")
+                outer.seen.append(asked)
+                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and outer.ranges else 0
+                body = outer.content[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(outer.content) - 1}/{len(outer.content)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut is not None and outer.cuts_left > 0:
+                    outer.cuts_left -= 1
+                    self.wfile.write(body[:outer.cut])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/big.txt"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+BIG = bytes(range(256)) * 400           # 102,400 bytes
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(env, monkeypatch):
+    with _RangeServer(BIG, cut=30_000) as server:
+        add_entry(monkeypatch, [server.url], content=BIG)
+        with pytest.raises(data.DataUnavailableError, match="stopped at 30,000 of 102,400 bytes; fetch again"):
+            data.fetch("test-file", progress=False)
+        part = data.cache_dir() / "test.txt.part"
+        assert part.stat().st_size == 30_000 and not (data.cache_dir() / "test.txt").exists()
+        path = data.fetch("test-file", progress=False)
+    assert path.read_bytes() == BIG and not part.exists()
+    assert server.seen == [None, "bytes=30000-"]                # the second request asked only for the rest
+
+
+def test_a_truncated_unpinned_file_is_never_accepted_by_its_size_alone(env, monkeypatch):
+    # a file checked only by a minimum size, as TinyStories' 2.2 GB is: the cut copy passes min_bytes
+    with _RangeServer(BIG, cut=90_000, cuts=2) as server:
+        add_entry(monkeypatch, [server.url], content=BIG, sha256=None, min_bytes=50_000)
+        with pytest.raises(data.DataUnavailableError, match="stopped at 90,000 of 102,400"):
+            data.fetch("test-file", progress=False)
+        assert not (data.cache_dir() / "test.txt").exists()
+        path = data.fetch("test-file", progress=False)          # cut again, but only the rest was asked for
+    assert path.read_bytes() == BIG and server.seen == [None, "bytes=90000-"]
+
+
+def test_a_server_that_ignores_ranges_sends_the_whole_file_again(env, monkeypatch):
+    with _RangeServer(BIG, cut=10_000, ranges=False) as server:
+        add_entry(monkeypatch, [server.url], content=BIG)
+        with pytest.raises(data.DataUnavailableError):
+            data.fetch("test-file", progress=False)
+        path = data.fetch("test-file", progress=False)
+    assert path.read_bytes() == BIG                               # not the first 10,000 bytes twice
