@@ -238,7 +238,8 @@ class TrainConfig:
     vocab_multiple: int = knob(1, "pad the vocabulary to a multiple of this (64 suits GPU matmuls)")
     # optimisation
     batch_size: int = knob(12, "sequences per micro-batch, per process")
-    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    grad_accum: int = knob(1, "micro-batches per optimizer step, per process: under torchrun a step takes "
+                              "batch_size * grad_accum * processes sequences")
     max_steps: int = knob(2000, "optimizer steps in all")
     lr: float = knob(1e-3, "peak learning rate, reached at the end of the warm-up")
     min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
@@ -807,9 +808,9 @@ def load_run(out_dir: str | Path, device="cpu") -> tuple[nn.Module, Tokenizer, d
     return model.to(device).eval(), tokenizer, state
 
 
-def main_process_first(action: Callable[[], None], main: bool, ddp: bool, device) -> None:
-    """Run `action` on the main process while the others wait. If it fails, every process stops: the main
-    one with its error, the others saying where to look."""
+def on_main_process(action: Callable[[], None], main: bool, ddp: bool, device) -> None:
+    """Run `action` on the main process alone (rank 0) while the others wait for it. If it fails, every process
+    stops: the main one with its error, the others saying where to look."""
     error = None
     if main:
         try:
@@ -926,14 +927,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=
         tokenizer, train_tokens, val_tokens = data if data is not None else load_data(cfg)
         return cfg, cfg.build_model(tokenizer.n_vocab), tokenizer, TokenWindows(train_tokens, val_tokens, cfg)
 
-    return run_training(cfg, setup, resume, overwrite, log, progress, clock)
+    prepare = None if data is not None else load_data   # under torchrun: downloaded and tokenised once, by rank 0
+    return run_training(cfg, setup, resume, overwrite, log, progress, clock, prepare=prepare)
 
 
 def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwrite: bool = False,
                  log: Callable[[str], None] | None = None, progress: bool = True,
-                 clock: Callable[[], float] = time.perf_counter, command: str = "python -m ch04_pretraining") -> dict:
+                 clock: Callable[[], float] = time.perf_counter, command: str = "python -m ch04_pretraining",
+                 prepare: Callable[[TrainConfig], object] | None = None) -> dict:
     """What `train` does, for any model and data: `setup(cfg)` returns (cfg, model, tokenizer, data), and is
-    called once the run folder is checked and locked and the seed set. The cfg it returns (which may fill in
+    called once the run folder is checked and locked and the seed set. `prepare(cfg)`, if given, runs first on
+    the main process alone: what must happen once, not once per process (a download, tokenising into a cache
+    that `setup` then reads). The cfg it returns (which may fill in
     what only the data or a base model decide) is the one saved, resumed and trained with; `data` is a
     TokenWindows or an object with its methods. `command` is the command line the summary suggests."""
     rank, local_rank, world = distributed_context()
@@ -946,10 +951,12 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
     out_dir = Path(cfg.out_dir)
     try:
         with (run_lock(out_dir) if main else nullcontext()), StopRequests() as stop:
-            main_process_first(lambda: prepare_run_dir(out_dir, resume, overwrite), main, ddp, device)
+            on_main_process(lambda: prepare_run_dir(out_dir, resume, overwrite), main, ddp, device)
+            if prepare is not None and ddp:
+                on_main_process(lambda: prepare(cfg), main, ddp, device)
             torch.manual_seed(cfg.seed)
             cfg, model, tokenizer, data = setup(cfg)
-            main_process_first(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
+            on_main_process(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
             model = model.to(device)
             run = Run(cfg, model, configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)),
                       data, tokenizer, choose_precision(device), rank=rank, world=world, local_rank=local_rank,

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -458,6 +459,24 @@ def test_a_warm_up_longer_than_the_fitted_run_shrinks_with_it(tmp_path):
     assert again["step"] == result["max_steps"]                       # the resumed run keeps the fitted schedule
 
 
+def test_what_one_process_must_do_runs_once_on_the_main_process_before_setup(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = tiny_config(tmp_path, max_steps=2, eval_interval=2)
+    data = pretraining.load_data(dataclasses.replace(cfg, data="tinyshakespeare"))
+
+    def setup(cfg):
+        calls.append("setup")
+        return cfg, cfg.build_model(data[0].n_vocab), data[0], pretraining.TokenWindows(data[1], data[2], cfg)
+
+    pretraining.run_training(cfg, setup, log=lambda m: None, progress=False,
+                             prepare=lambda cfg: calls.append("prepare"))
+    assert calls == ["prepare", "setup"]        # under torchrun (one process here): prepared once, then set up
+
+
 def test_the_clock_stops_a_run_whose_schedule_was_too_hopeful(tmp_path, monkeypatch):
     monkeypatch.setattr(pretraining, "steps_within_budget", lambda *args: 1_000_000)    # a wildly hopeful fit
     cfg = tiny_config(tmp_path, max_steps=1_000_000, eval_interval=100_000, time_budget_min=0.01)
@@ -658,6 +677,8 @@ def torchrun(*args, port=None):
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
+    # the rule: each process takes batch_size * grad_accum sequences a step, so 2 processes with grad_accum 1
+    # take the global batch of 1 process with grad_accum 2; the data is tokenised by rank 0 alone, first
     common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4"]
     single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
     assert single.wait(timeout=120) == 0, single.stderr.read()
