@@ -712,15 +712,20 @@ def state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], expected: dict[str, 
         ours[name] = tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor
     if tied and "transformer.wte.weight" in ours:
         ours["lm_head.weight"] = ours["transformer.wte.weight"]
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
+    check_state_dict(ours, expected, "GPTModel")
+    return ours
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> None:
+    """A ValueError unless `tensors` has exactly the names of `expected` (a model's state dict, possibly on the
+    meta device), each with its shape. `model` names the model in the message."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit this GPTModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in ours.items():
+        raise ValueError(f"checkpoint does not fit this {model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(f"checkpoint is from another config: {name} has shape {tuple(tensor.shape)}, "
                              f"this model expects {tuple(expected[name].shape)}")
-    return ours
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ch03_gpt_model.gpt import check_state_dict
 from shared.data import DataUnavailableError
 # from this chapter's other modules (the exporter writes these imports):
 from ch06_llama.layers import LlamaConfig, RopeScaling, interleaved_to_half
@@ -92,13 +93,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: LlamaConfig,
     the embedding: dropped), same shapes."""
     ours = {name: t for name, t in tensors.items()
             if not (name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight"))}
-    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit this LlamaModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in ours.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint is from another config: {name} has shape {tuple(tensor.shape)}, "
-                             f"this model expects {tuple(expected[name].shape)}")
+    check_state_dict(ours, expected, "LlamaModel")                # chapter 3's check: names and shapes
     return ours
 
 
