@@ -12,7 +12,7 @@ fails loudly if anything raises or comes out wrong:
   one) and peak memory for each;
 - fused attention: PyTorch's flash kernel runs, and equals the plain math kernel;
 - the chunked loss (`linear_cross_entropy`) against `F.cross_entropy` at GPT-2's vocabulary: value,
-  gradients and time;
+  gradients and time; then both compiled (each must be one graph) under the run's autocast, time and memory;
 - DDP with one process (NCCL on a GPU, gloo on the CPU), through the same `train`;
 - a checkpoint saved and resumed on the device gives the uninterrupted run's losses exactly;
 - KV-cache decoding of GPT-2 and Llama shapes gives the recomputed greedy tokens; int8 and 4-bit decoding
@@ -43,7 +43,10 @@ import torch.nn.functional as F
 from ch01_tokenization.tokenization import BPETokenizer
 from ch03_gpt_model.gpt import flops_per_token, generate, linear_cross_entropy, peak_flops
 from ch04_pretraining import pretraining
-from ch04_pretraining.pretraining import TrainConfig, make_tokenizer, read_metrics, train, train_val_split
+from ch04_pretraining.config import TrainConfig
+from ch04_pretraining.data import make_tokenizer, train_val_split
+from ch04_pretraining.pretraining import train
+from ch04_pretraining.runs import read_metrics
 from ch06_llama.chat import Chat, ChatModel
 from ch06_llama.decoding import Int4Linear, quantize_for_decoding, quantize_int4_for_decoding
 from ch06_llama.layers import LlamaConfig
@@ -191,6 +194,38 @@ def loss_check(device, size: Size) -> str:
             f"{1e3 * whole_s:.1f} ms whole, peak memory {chunked_mb} against {whole_mb}")
 
 
+def compiled_loss_check(device, size: Size) -> str:
+    """The training path's loss at GPT-2's vocabulary: compiled, under the run's autocast (bfloat16 where
+    supported, else float16), chunked against F.cross_entropy on the whole logits. Both compile into one graph;
+    the time and peak memory of a forward and backward of each, side by side."""
+    precision = pretraining.choose_precision(device)
+    dtype = precision.dtype or torch.bfloat16
+    torch.manual_seed(0)
+    hidden = torch.randn(size.loss_rows, 768, device=device, requires_grad=True)
+    weight = (torch.randn(size.vocab, 768, device=device) * 0.02).requires_grad_()
+    targets = torch.randint(0, size.vocab, (size.loss_rows,), device=device)
+    losses = {"chunked": torch.compile(linear_cross_entropy, fullgraph=True),
+              "whole": torch.compile(lambda h, w, t: F.cross_entropy(h @ w.t(), t.long()), fullgraph=True)}
+    results = {}
+    for name, loss_fn in losses.items():
+        def step(loss_fn=loss_fn):
+            hidden.grad = weight.grad = None
+            with torch.autocast(device.type, dtype=dtype):
+                loss = loss_fn(hidden, weight, targets)
+            loss.backward()
+            return loss
+        step()                                                                     # compiles
+        reset_peak_memory(device)
+        seconds = min(timed(step, device) for _ in range(3))
+        results[name] = (step().item(), seconds, peak_memory(device))
+    (chunked, chunked_s, chunked_mb), (whole, whole_s, whole_mb) = results["chunked"], results["whole"]
+    if abs(chunked - whole) > 1e-2 * abs(whole):
+        raise AssertionError(f"the compiled chunked loss differs: {chunked} against {whole}")
+    return (f"{dtype}, one graph each; forward+backward {1e3 * chunked_s:.1f} ms chunked against "
+            f"{1e3 * whole_s:.1f} ms whole ({whole_s / chunked_s:.2f}x), peak memory {chunked_mb} against "
+            f"{whole_mb}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,6 +339,7 @@ def run_checks(device: torch.device, size: Size, only: list[str] | None = None,
         "train Llama": lambda: training_check(device, size, work / "llama", arch="llama"),
         "flash attention": lambda: attention_check(device, size),
         "chunked loss": lambda: loss_check(device, size),
+        "chunked loss, compiled, mixed precision": lambda: compiled_loss_check(device, size),
         "DDP, one process": lambda: ddp_check(device, size, work / "ddp"),
         "checkpoint and resume": lambda: resume_check(device, size, work / "resume"),
         "KV-cache decoding": lambda: decoding_check(device, size),

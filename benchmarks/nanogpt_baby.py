@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ch04_pretraining.pretraining import TrainConfig, load_data, load_run, read_metrics
+from ch04_pretraining.config import TrainConfig
+from ch04_pretraining.data import load_data
+from ch04_pretraining.runs import load_run, read_metrics
 
 FLAGS = ["--data", "tinyshakespeare", "--tokenizer", "char", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
          "--context-length", "64", "--batch-size", "12", "--max-steps", "2000", "--min-lr", "1e-4",

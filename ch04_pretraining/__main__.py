@@ -21,20 +21,10 @@ from pathlib import Path
 import torch
 
 from ch03_gpt_model.gpt import generate
-from ch04_pretraining.pretraining import (
-    ARCHITECTURES,
-    CONFIG_FILE,
-    CheckpointError,
-    ConfigError,
-    TrainConfig,
-    TrainingDiverged,
-    fitted_to_gpu,
-    load_run,
-    model_settings,
-    scale_preset,
-    train,
-)
-from shared.config import BriefParser, add_flag, flag, flag_type
+from ch04_pretraining.config import ARCHITECTURES, TrainConfig, fitted_to_gpu, model_settings, scale_preset
+from ch04_pretraining.pretraining import TrainingDiverged, train
+from ch04_pretraining.runs import CONFIG_FILE, CheckpointError, load_run
+from shared.config import BriefParser, ConfigError, add_flag, flag, flag_type
 from shared.device import get_device
 
 PROG = "python -m ch04_pretraining"

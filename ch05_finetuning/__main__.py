@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 from ch04_pretraining.__main__ import run_or_report
-from ch04_pretraining.pretraining import CONFIG_FILE, ConfigError
+from ch04_pretraining.runs import CONFIG_FILE
 from ch05_finetuning.finetuning import FinetuneConfig, finetune, finetune_preset, pretrain_small_base
 from ch05_finetuning.rl import arithmetic_splits, arithmetic_text
-from shared.config import BriefParser, add_flag, flag
+from shared.config import BriefParser, ConfigError, add_flag, flag
 from shared.files import atomic_write
 
 PROG = "python -m ch05_finetuning"

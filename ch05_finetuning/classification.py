@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ch01_tokenization.tokenization import Tokenizer
-from ch04_pretraining.pretraining import ConfigError
-from shared.config import knob
+from shared.config import ConfigError, knob
 from shared.device import Precision, autocast
 # from this chapter's other modules (the exporter writes these imports):
 from ch05_finetuning.finetuning import ExampleBatches, FinetuneConfig, count_parameters, end_token

@@ -40,22 +40,20 @@ from torch import nn
 
 from ch01_tokenization.tokenization import BPETokenizer, TiktokenTokenizer, Tokenizer
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTModel, saved_activation_bytes
-from ch04_pretraining.pretraining import (
+from ch04_pretraining.config import TrainConfig
+from ch04_pretraining.distributed import distributed_context
+from ch04_pretraining.pretraining import run_training, train
+from ch04_pretraining.runs import (
     CHECKPOINT_POINTER,
     CONFIG_FILE,
     METRICS_FILE,
     TOKENIZER_FILE,
-    ConfigError,
-    TrainConfig,
     checkpoint_paths,
-    distributed_context,
     load_checkpoint,
     load_run,
     load_weights,
-    run_training,
-    train,
 )
-from shared.config import knob
+from shared.config import ConfigError, knob
 from shared.data import REGISTRY, REPO_ROOT, fetch, read_text
 from shared.device import Precision, autocast
 from shared.files import atomic_write

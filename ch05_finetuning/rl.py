@@ -15,8 +15,8 @@ from torch import nn
 
 from ch01_tokenization.tokenization import Tokenizer
 from ch03_gpt_model.gpt import generate, left_pad, output_weight
-from ch04_pretraining.pretraining import CHECKPOINT_POINTER, ConfigError
-from shared.config import knob
+from ch04_pretraining.runs import CHECKPOINT_POINTER
+from shared.config import ConfigError, knob
 from shared.device import Precision, autocast, choose_precision
 # from this chapter's other modules (the exporter writes these imports):
 from ch05_finetuning.checkable import CHECKABLE_TASKS

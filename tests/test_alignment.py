@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ch03_gpt_model.gpt import GPTConfig, GPTModel
-from ch04_pretraining.pretraining import ConfigError, TrainConfig, read_metrics, train
+from ch04_pretraining.config import TrainConfig
+from ch04_pretraining.pretraining import train
+from ch04_pretraining.runs import read_metrics
 from ch05_finetuning.finetuning import (
     FinetuneConfig,
     finetune,
@@ -46,6 +48,7 @@ from ch05_finetuning.rl import (
     pass_at_k,
     whiten,
 )
+from shared.config import ConfigError
 from shared.data import fetch
 
 QUIET = dict(log=lambda message: None, progress=False)

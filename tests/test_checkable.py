@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ch04_pretraining.pretraining import ConfigError, read_metrics
+from ch04_pretraining.runs import read_metrics
 from ch05_finetuning.__main__ import main
 from ch05_finetuning.checkable import (
     ANSWER_SENTENCES,
@@ -33,6 +33,7 @@ from ch05_finetuning.finetuning import (
     small_base_text,
     split_by_share,
 )
+from shared.config import ConfigError
 
 QUIET = dict(log=lambda message: None, progress=False)
 

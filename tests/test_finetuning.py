@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from ch01_tokenization.tokenization import TiktokenTokenizer
 from ch03_gpt_model.gpt import GPT_CONFIGS, GPTConfig, GPTModel
-from ch04_pretraining.pretraining import ConfigError, read_metrics, train
+from ch04_pretraining.pretraining import train
+from ch04_pretraining.runs import read_metrics
 from ch05_finetuning.__main__ import parse_args
 from ch05_finetuning.classification import (
     BagOfWords,
@@ -71,6 +72,7 @@ from ch05_finetuning.preferences import (
     reward_batch,
     sequence_logprobs,
 )
+from shared.config import ConfigError
 from shared.data import DataUnavailableError, fetch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,7 +365,7 @@ def test_peft_adapter_errors_say_what_is_wrong(tmp_path):
 def test_load_base_reads_hf_folders_and_chapter_4_runs(hf_base, tmp_path):
     base = load_base(str(hf_base))
     assert base.arch == "gpt" and base.model.cfg.n_embd == 16 and isinstance(base.tokenizer, TiktokenTokenizer)
-    from ch04_pretraining.pretraining import TrainConfig
+    from ch04_pretraining.config import TrainConfig
     cfg = TrainConfig(data="the-verdict", tokenizer="gpt2", model=dict(n_layer=1, n_head=2, n_embd=16,
                       context_length=32), vocab_multiple=64, max_steps=2, eval_interval=2, eval_iters=1,
                       batch_size=2, out_dir=str(tmp_path / "run"))
@@ -545,7 +547,7 @@ def test_gpu_presets_are_raschkas_recipes_on_openai_gpt2():
 
 
 def test_a_base_without_an_end_token_is_refused_for_either_task(tmp_path):
-    from ch04_pretraining.pretraining import TrainConfig
+    from ch04_pretraining.config import TrainConfig
     char_run = TrainConfig(data="the-verdict", tokenizer="char", model=dict(n_layer=1, n_head=2, n_embd=16,
                            context_length=32), max_steps=1, eval_interval=1, eval_iters=1, batch_size=2,
                            out_dir=str(tmp_path / "char"))

@@ -392,6 +392,41 @@ def test_bad_targets_are_clear_errors():
             linear_cross_entropy(hidden, weight, targets)
 
 
+
+def test_under_autocast_the_chunks_multiply_in_bfloat16_like_pytorch(chunked):
+    """Under autocast the chunked loss runs its matmuls in bfloat16, as F.cross_entropy's logits would be: its
+    loss is far closer to autocast's reference than to float32's."""
+    from ch03_gpt_model.gpt import linear_cross_entropy
+
+    hidden, weight, targets = _loss_case()
+
+    def loss_and_grads(loss_fn, autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        return [loss.detach(), *torch.autograd.grad(loss, [hidden, weight])]
+
+    pytorch = lambda: torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)  # noqa: E731
+    ours = loss_and_grads(lambda: linear_cross_entropy(hidden, weight, targets, chunk_size=64), True)
+    bf16, fp32 = loss_and_grads(pytorch, True), loss_and_grads(pytorch, False)
+    assert ours[0].dtype == torch.float32 and [g.dtype for g in ours[1:]] == [torch.float32] * 2
+    assert (ours[0] - bf16[0]).abs() < (ours[0] - fp32[0]).abs() / 30
+    # the gradients round in other places than autograd's (the weight's sums the chunks' bfloat16 products in
+    # float32): within bfloat16's precision of float32's
+    for mine, full in zip(ours[1:], fp32[1:]):
+        assert (mine - full).abs().max() < 1e-2 * full.abs().max()
+
+
+def test_the_chunked_loss_compiles_into_one_graph(chunked):
+    """Nothing in the loss asks the host to wait for the device (no .item(), no .tolist()), so torch.compile
+    traces model(idx, targets) as one graph, in float32 and under autocast."""
+    model = tiny_model()
+    x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    for autocast in (False, True):
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            explained = torch._dynamo.explain(model)(x, y)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
 # ---- Hugging Face config fields that change the computation -------------------------------
 
 def test_layer_norm_epsilon_is_honoured(tmp_path):

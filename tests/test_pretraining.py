@@ -18,38 +18,34 @@ from safetensors.torch import load_file
 
 from ch01_tokenization.tokenization import BPETokenizer, CharTokenizer, TiktokenTokenizer
 from ch03_gpt_model.gpt import ACTIVATION_BYTES, GPT_CONFIGS, GPTConfig, GPTModel, generate
+from ch04_pretraining import data as corpora
 from ch04_pretraining import pretraining
 from ch04_pretraining.__main__ import parse_args, train_parser
-from ch04_pretraining.pretraining import (
-    BatchSampler,
-    CheckpointError,
-    ConfigError,
+from ch04_pretraining.config import (
     TrainConfig,
-    TrainingDiverged,
     activation_bytes_per_token,
-    attention_maps,
-    configure_optimizer,
-    ending_losses,
-    estimate_loss,
-    evaluate_hellaswag,
     fit_micro_batch,
-    get_batch,
-    hellaswag_rows,
-    load_checkpoint,
-    load_data,
-    load_run,
-    lr_at,
     model_settings,
-    nats_per_character,
-    read_metrics,
-    read_steps,
-    run_lock,
     scale_preset,
-    steps_within_budget,
-    tokenize_to_memmap,
-    train,
-    train_val_split,
 )
+from ch04_pretraining.data import BatchSampler, get_batch, load_data, tokenize_to_memmap, train_val_split
+from ch04_pretraining.evaluation import (
+    attention_maps,
+    ending_losses,
+    evaluate_hellaswag,
+    hellaswag_rows,
+    nats_per_character,
+)
+from ch04_pretraining.pretraining import (
+    TrainingDiverged,
+    configure_optimizer,
+    estimate_loss,
+    lr_at,
+    steps_within_budget,
+    train,
+)
+from ch04_pretraining.runs import CheckpointError, load_checkpoint, load_run, read_metrics, read_steps, run_lock
+from shared.config import ConfigError
 from shared.data import fetch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +143,7 @@ def test_tinystories_tokens_go_to_the_cache_not_beside_a_read_only_text(tmp_path
         shutil.copy(fetch("tinystories-sample"), mirror / f"TinyStoriesV2-GPT4-{name}.txt")
     mirror.chmod(0o555)
     monkeypatch.setenv("LLM_DATA_DIR", str(cache))
-    monkeypatch.setattr(pretraining, "fetch", lambda name: mirror / f"TinyStoriesV2-GPT4-{name.split('-')[1]}.txt")
+    monkeypatch.setattr(corpora, "fetch", lambda name: mirror / f"TinyStoriesV2-GPT4-{name.split('-')[1]}.txt")
     try:
         tokenizer, train_tokens, val_tokens = load_data(TrainConfig(data="tinystories", tokenizer="gpt2"))
     finally:
