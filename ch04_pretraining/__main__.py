@@ -25,6 +25,7 @@ from ch04_pretraining.config import ARCHITECTURES, TrainConfig, fitted_to_gpu, m
 from ch04_pretraining.pretraining import TrainingDiverged, train
 from ch04_pretraining.runs import CONFIG_FILE, CheckpointError, load_run
 from shared.config import BriefParser, ConfigError, add_flag, flag, flag_type
+from shared.data import DataUnavailableError
 from shared.device import get_device
 
 PROG = "python -m ch04_pretraining"
@@ -151,12 +152,13 @@ def sample_main(argv: list[str]) -> int:
 
 def run_or_report(start: Callable[[], dict]) -> dict | None:
     """`start()`'s result; or None, once a mistake the reader can fix (a bad setting, data or a base model
-    that cannot be found offline, a diverged run) is printed as one line naming it."""
+    that cannot be found offline, no readable checkpoint, a diverged run) is printed as one line naming it.
+    Anything else is a bug, and keeps its traceback."""
     try:
         return start()
     except ConfigError as err:
         print(f"error: {flag(err.field)}: {err.message}", file=sys.stderr)
-    except (TrainingDiverged, FileNotFoundError, ValueError) as err:     # FileNotFoundError: offline data too
+    except (TrainingDiverged, DataUnavailableError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
     return None
 

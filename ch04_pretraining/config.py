@@ -63,8 +63,11 @@ class TrainConfig:
                               "batch_size * grad_accum * processes sequences")
     max_steps: int = knob(2000, "optimizer steps in all")
     lr: float = knob(1e-3, "peak learning rate, reached at the end of the warm-up")
-    min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
+    min_lr: float = knob(1e-4, "learning rate at the end of the decay")
     warmup_steps: int = knob(100, "steps of linear warm-up")
+    schedule: str = knob("cosine", "after the warm-up: cosine (decay all the way), or wsd (hold the peak, then "
+                                   "decay linearly over the last decay_fraction of the steps)")
+    decay_fraction: float = knob(0.2, "for wsd: the share of max_steps spent decaying")
     weight_decay: float = knob(0.1, "AdamW weight decay, on matrices only")
     grad_clip: float = knob(1.0, "clip the gradient norm to this; 0: no clipping")
     beta1: float = knob(0.9, "AdamW beta1")
@@ -105,6 +108,10 @@ class TrainConfig:
             raise ConfigError("lr", f"must be a positive number, got {self.lr!r}")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError("schedule", f"must be cosine or wsd, got {self.schedule!r}")
+        if not number(self.decay_fraction) or not 0 < self.decay_fraction <= 1:
+            raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction!r}")
         for name in ("beta1", "beta2"):
             if not number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)!r}")

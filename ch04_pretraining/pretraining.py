@@ -57,12 +57,18 @@ from ch04_pretraining.runs import (
 
 # ---- The ingredients of a good loop ----------------------------------------------------------------------
 
-def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warm-up from 0 to `max_lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int,
+          decay_steps: int | None = None) -> float:
+    """Linear warm-up from 0 to `max_lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`.
+    With `decay_steps`, warm-up-stable-decay instead: `max_lr` is held until the last `decay_steps` steps,
+    which fall linearly to `min_lr` at `max_steps`."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if decay_steps is not None:
+        left = max_steps - step                                # steps still to go: decay_steps .. 1
+        return max_lr if left > decay_steps else min_lr + (max_lr - min_lr) * left / decay_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -181,74 +187,152 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
 
 def training_loop(run: Run, stop: "StopRequests", log: Callable[[str], None], progress: bool = True,
                   clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Evaluate and checkpoint every `eval_interval` steps; otherwise one optimizer step: learning rate,
-    micro-batches, backward, clip, update. Stops at `max_steps`, on a stop request or at the time budget.
-    Returns the last evaluation (of step `evaluated_step`), the step reached and a summary of the run."""
-    cfg, raw_model, device = run.cfg, run.model, run.device
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if run.ddp:
-        device_ids = [run.local_rank] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.precision.use_grad_scaler)
-    global_batch = cfg.batch_size * cfg.grad_accum * run.world
-    log(f"{raw_model.num_parameters():,} parameters on {device} ({run.precision.name}); {run.world} process(es), "
-        f"{global_batch:,} sequences of up to {cfg.context_length:,} tokens per step")
-    start = window_start = clock()
-    window_tokens, tokens_per_s, eval_seconds, eval_total, fit_clock = 0, 0.0, 0.0, 0.0, None
+    """Evaluate and checkpoint every `eval_interval` steps; otherwise one optimizer step. Stops at `max_steps`,
+    on a stop request or at the time budget. Returns the last evaluation (of step `evaluated_step`), the step
+    reached and a summary of the run."""
+    model = model_to_train(run)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision.use_grad_scaler)
+    global_batch = run.cfg.batch_size * run.cfg.grad_accum * run.world
+    log(f"{run.model.num_parameters():,} parameters on {run.device} ({run.precision.name}); {run.world} "
+        f"process(es), {global_batch:,} sequences of up to {run.cfg.context_length:,} tokens per step")
+    pace = Pace(clock)
     last, best = {}, {"val_loss": math.inf, "step": None}
-    bar = tqdm(total=cfg.max_steps, initial=run.step, unit="step", disable=not (progress and run.main),
+    bar = tqdm(total=run.cfg.max_steps, initial=run.step, unit="step", disable=not (progress and run.main),
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     try:
         while True:
-            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps:
-                eval_start = clock()
-                tokens_per_s = window_tokens / (eval_start - window_start) if window_tokens else tokens_per_s
-                last = evaluate(run, tokens_per_s, elapsed=eval_start - start)
-                if run.main:
-                    report(run, last, log)
-                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.data)
+            if run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_steps:
+                last = evaluate_and_save(run, pace, log)
                 best = min(best, last, key=lambda row: row["val_loss"])
-                window_start, window_tokens = clock(), 0
-                eval_seconds = window_start - eval_start
-                eval_total += eval_seconds
-            if cfg.time_budget_min and run.step == FIT_STEPS[0]:
-                fit_clock = (clock(), eval_total)
-            if cfg.time_budget_min and run.step == FIT_STEPS[1] and fit_clock:
-                now = clock()
-                per_step = (now - fit_clock[0] - (eval_total - fit_clock[1])) / (FIT_STEPS[1] - FIT_STEPS[0])
-                cfg = run.cfg = fit_to_budget(cfg, run.step, per_step, now - start, eval_seconds, run.ddp, device, log)
-                bar.total = cfg.max_steps
-            over_budget = bool(cfg.time_budget_min) and clock() - start > 60 * cfg.time_budget_min
-            if run.step >= cfg.max_steps or any_process(stop.received is not None or over_budget, run.ddp, device):
-                if run.step < cfg.max_steps and run.main:
-                    save_checkpoint(run.out_dir, raw_model, run.optimizer, run.step, cfg, run.data)
+            if fit_schedule_once(run, pace, log):
+                bar.total = run.cfg.max_steps
+            if time_to_stop(run, stop, pace):
                 break
-            step_start = clock()
-            lr = lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            batches = run.data.next_micro_batches(run.rank, run.world, device)
-            loss = accumulate_gradients(model, batches, run.precision, scaler, run.ddp)
-            if any_process(not torch.isfinite(loss).item(), run.ddp, device):
-                raise TrainingDiverged(f"the loss became {loss.item()} at step {run.step}: training stopped. "
-                                       f"{_last_good(run)}; lower lr or raise warmup_steps, then resume")
-            grad_norm = apply_update(raw_model, run.optimizer, scaler, lr, cfg.grad_clip)
-            run.step += 1
-            tokens_per_step = sum(x.numel() for x, _ in batches) * run.world
-            window_tokens += tokens_per_step
+            step_start = pace.clock()
+            loss, grad_norm, lr, tokens = optimizer_step(run, model, scaler)
+            pace.window_tokens += tokens
             bar.update()
-            if run.main and run.step % cfg.log_interval == 0:
-                row = {"step": run.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
-                step_s = max(clock() - step_start, 1e-9)             # after .item(): the step has finished
-                row |= {"step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
-                append_row(run.out_dir / STEPS_FILE, row)
+            if run.main and run.step % run.cfg.log_interval == 0:
+                row = log_step(run, pace, step_start, loss, grad_norm, lr, tokens)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tokens_per_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
     finally:
         bar.close()
-    stopped = stop.received or ("time budget" if run.step < cfg.max_steps else None)
-    summary = {"best_val_loss": best["val_loss"], "best_step": best["step"], "wall_s": clock() - start,
+    return finish(run, stop, pace, last, best, log)
+
+
+@dataclass
+class Pace:
+    """The loop's readings of its clock: when the run started; the tokens trained since the last evaluation and
+    when it ended, for tokens per second; the time spent evaluating, which the budget's fit leaves out of the
+    time of a step."""
+
+    clock: Callable[[], float]
+    start: float = 0.0
+    window_start: float = 0.0
+    window_tokens: int = 0
+    tokens_per_s: float = 0.0
+    eval_seconds: float = 0.0                       # the last evaluation's
+    eval_total: float = 0.0
+    fit_mark: tuple[float, float] | None = None     # (clock, eval_total) at step FIT_STEPS[0]
+
+    def __post_init__(self):
+        self.start = self.window_start = self.clock()
+
+
+def model_to_train(run: Run) -> nn.Module:
+    """The model the steps go through: compiled if the config asks, inside DDP when the run is one of its
+    processes. `run.model` stays the plain model, which checkpoints and evaluations use."""
+    model = torch.compile(run.model) if run.cfg.compile else run.model
+    if run.ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda"
+                                                    else None)
+    return model
+
+
+def evaluate_and_save(run: Run, pace: Pace, log: Callable[[str], None]) -> dict:
+    """Evaluate the current step; on the main process write it down and save a checkpoint; then start a new
+    tokens-per-second window."""
+    eval_start = pace.clock()
+    if pace.window_tokens:
+        pace.tokens_per_s = pace.window_tokens / (eval_start - pace.window_start)
+    row = evaluate(run, pace.tokens_per_s, elapsed=eval_start - pace.start)
+    if run.main:
+        report(run, row, log)
+        save_checkpoint(run.out_dir, run.model, run.optimizer, run.step, run.cfg, run.data)
+    pace.window_start, pace.window_tokens = pace.clock(), 0
+    pace.eval_seconds = pace.window_start - eval_start
+    pace.eval_total += pace.eval_seconds
+    return row
+
+
+def fit_schedule_once(run: Run, pace: Pace, log: Callable[[str], None]) -> bool:
+    """With a time budget: read the clock at step FIT_STEPS[0], and at FIT_STEPS[1] fit the schedule to the
+    time left (`fit_to_budget`), from the time of the steps in between, evaluations left out. True when
+    the schedule was fitted."""
+    if not run.cfg.time_budget_min:
+        return False
+    if run.step == FIT_STEPS[0]:
+        pace.fit_mark = (pace.clock(), pace.eval_total)
+    if run.step != FIT_STEPS[1] or pace.fit_mark is None:
+        return False
+    now = pace.clock()
+    per_step = (now - pace.fit_mark[0] - (pace.eval_total - pace.fit_mark[1])) / (FIT_STEPS[1] - FIT_STEPS[0])
+    run.cfg = fit_to_budget(run.cfg, run.step, per_step, now - pace.start, pace.eval_seconds, run.ddp, run.device,
+                            log)
+    return True
+
+
+def time_to_stop(run: Run, stop: "StopRequests", pace: Pace) -> bool:
+    """Whether the loop ends now: at `max_steps`, or, decided by all processes together, on a stop request or
+    past the time budget. A run that stops early saves a checkpoint first."""
+    cfg = run.cfg
+    over_budget = bool(cfg.time_budget_min) and pace.clock() - pace.start > 60 * cfg.time_budget_min
+    if run.step < cfg.max_steps and not any_process(stop.received is not None or over_budget, run.ddp, run.device):
+        return False
+    if run.step < cfg.max_steps and run.main:
+        save_checkpoint(run.out_dir, run.model, run.optimizer, run.step, cfg, run.data)
+    return True
+
+
+def optimizer_step(run: Run, model: nn.Module, scaler) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """One step: the scheduled learning rate, this process's micro-batches, backward through them, a check
+    (on every process) that the loss is finite, clipping and the update. Returns the step's loss, gradient
+    norm, learning rate, and the tokens all processes trained on."""
+    lr = scheduled_lr(run.cfg, run.step)
+    batches = run.data.next_micro_batches(run.rank, run.world, run.device)
+    loss = accumulate_gradients(model, batches, run.precision, scaler, run.ddp)
+    if any_process(not torch.isfinite(loss).item(), run.ddp, run.device):
+        raise TrainingDiverged(f"the loss became {loss.item()} at step {run.step}: training stopped. "
+                               f"{_last_good(run)}; lower lr or raise warmup_steps, then resume")
+    grad_norm = apply_update(run.model, run.optimizer, scaler, lr, run.cfg.grad_clip)
+    run.step += 1
+    return loss, grad_norm, lr, sum(x.numel() for x, _ in batches) * run.world
+
+
+def log_step(run: Run, pace: Pace, step_start: float, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+             tokens: int) -> dict:
+    """Append the step just taken to steps.jsonl: loss, learning rate, gradient norm, time and speed."""
+    row = {"step": run.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+    step_s = max(pace.clock() - step_start, 1e-9)                   # after .item(): the step has finished
+    row |= {"step_s": step_s, "tokens_per_s": tokens / step_s}
+    append_row(run.out_dir / STEPS_FILE, row)
+    return row
+
+
+def finish(run: Run, stop: "StopRequests", pace: Pace, last: dict, best: dict, log: Callable[[str], None]) -> dict:
+    """What `train` returns: the last evaluation, the step reached, a summary (also logged), the model."""
+    stopped = stop.received or ("time budget" if run.step < run.cfg.max_steps else None)
+    summary = {"best_val_loss": best["val_loss"], "best_step": best["step"], "wall_s": pace.clock() - pace.start,
                "checkpoint": str(checkpoint_paths(run.out_dir, run.step)[0]), "stopped_by": stopped}
     log(run_summary(run, last, summary))
-    return {**last, "evaluated_step": last.get("step"), "step": run.step, "max_steps": cfg.max_steps, **summary,
-            "model": raw_model, "tokenizer": run.tokenizer, "interrupted": stop.received is not None}
+    return {**last, "evaluated_step": last.get("step"), "step": run.step, "max_steps": run.cfg.max_steps,
+            **summary, "model": run.model, "tokenizer": run.tokenizer, "interrupted": stop.received is not None}
+
+
+def scheduled_lr(cfg: TrainConfig, step: int) -> float:
+    """The run's learning rate at `step`: its warm-up, then its schedule (cosine, or wsd's hold and decay)."""
+    decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps)) if cfg.schedule == "wsd" else None
+    return lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, decay_steps)
 
 
 def evaluate(run: Run, tokens_per_s: float, elapsed: float) -> dict:
@@ -260,7 +344,7 @@ def evaluate(run: Run, tokens_per_s: float, elapsed: float) -> dict:
         raise TrainingDiverged(f"the evaluation at step {run.step} found {measured}: training stopped, "
                                f"nothing saved. {_last_good(run)}; lower lr or raise warmup_steps, then resume")
     return {"step": run.step, **measured,
-            "lr": lr_at(run.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps),
+            "lr": scheduled_lr(cfg, run.step),
             "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
 
 

@@ -152,7 +152,8 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     return weights_path
 
 
-def checkpoint_steps(out_dir: Path) -> list[int]:
+def checkpoint_steps(out_dir: str | Path) -> list[int]:
+    """The steps of the checkpoints in `out_dir` (of their weights files), in no particular order."""
     steps = []
     for path in Path(out_dir).glob("ckpt-*.safetensors"):
         try:
@@ -201,16 +202,18 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tupl
 
 
 def _check_same_run(saved_config: dict, cfg: TrainConfig) -> None:
+    """A ConfigError, naming the first field, if the checkpoint's config differs from `cfg` in a setting a
+    resumed run must keep: the data, the tokenizer, the architecture and its non-resumable settings."""
     saved = type(cfg).from_dict(saved_config)
-    different = [f"{name}: checkpoint {getattr(saved, name)!r}, now {getattr(cfg, name)!r}"
-                 for name in _SAME_RUN_FIELDS + cfg.SAME_RUN_FIELDS if getattr(saved, name) != getattr(cfg, name)]
+    different = [(name, getattr(saved, name), getattr(cfg, name)) for name in _SAME_RUN_FIELDS + cfg.SAME_RUN_FIELDS
+                 if getattr(saved, name) != getattr(cfg, name)]
     if saved.arch == cfg.arch:
         then, now = asdict(saved.model_config(1)), asdict(cfg.model_config(1))
-        different += [f"{f.name}: checkpoint {then[f.name]!r}, now {now[f.name]!r}" for f in model_settings(cfg.arch)
+        different += [(f.name, then[f.name], now[f.name]) for f in model_settings(cfg.arch)
                       if not f.metadata.get("resumable") and then[f.name] != now[f.name]]
     if different:
-        raise ConfigError(different[0].split(":")[0],
-                          "the checkpoint was trained with another config: " + "; ".join(different))
+        raise ConfigError(different[0][0], "the checkpoint was trained with another config: " + "; ".join(
+            f"{name}: checkpoint {then!r}, now {now!r}" for name, then, now in different))
 
 
 def tied_names(model: nn.Module) -> set[str]:

@@ -33,8 +33,8 @@ def read_sms_spam(path: str | Path) -> list[tuple[str, int]]:
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         label, sep, text = line.partition("\t")
         if not sep or label not in SPAM_LABELS:
-            raise ValueError(f"{path}, line {number}: expected 'ham' or 'spam', a tab and the message, "
-                             f"got {line[:60]!r}")
+            raise ConfigError("data", f"{path}, line {number}: expected 'ham' or 'spam', a tab and the message, "
+                                      f"got {line[:60]!r}")
         examples.append((text, SPAM_LABELS.index(label)))
     return examples
 

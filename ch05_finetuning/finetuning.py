@@ -129,7 +129,7 @@ SMALL_BASE_MODEL = dict(n_layer=4, n_head=4, n_embd=128, context_length=256)
 def split_records(records: Sequence, sizes: tuple[int, int] = (935, 55), seed: int = 123) -> dict[str, list]:
     """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}."""
     if sum(sizes) >= len(records):
-        raise ValueError(f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
+        raise ConfigError("data", f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     return {"train": shuffled[:sizes[0]], "val": shuffled[sizes[0]:sum(sizes)], "test": shuffled[sum(sizes):]}

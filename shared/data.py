@@ -288,11 +288,8 @@ def _download_resuming(url: str, part: Path, *, progress: bool, label: str) -> N
     range request; a server that ignores it sends the whole file, which replaces them). A ValueError when the
     stream ends before the length the server announced: the bytes so far stay in `part` for the next try."""
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"User-Agent": "llm-from-scratch-companion"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
+        response = _open_url(url, {"Range": f"bytes={have}-"} if have else {})
     except urllib.error.HTTPError as err:
         if err.code != 416 or not have:              # 416: the range starts past the end of the file
             raise
@@ -309,10 +306,15 @@ def _download_resuming(url: str, part: Path, *, progress: bool, label: str) -> N
         raise ValueError(f"the download stopped at {size:,} of {total:,} bytes; fetch again to resume it")
 
 
+def _open_url(url: str, headers: dict[str, str] | None = None):
+    """The HTTP response for `url`, asked for with the companion's User-Agent, `headers` and a 30 s timeout."""
+    request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch-companion", **(headers or {})})
+    return urllib.request.urlopen(request, timeout=30)
+
+
 def _copy_url(url: str, out, *, progress: bool, label: str) -> None:
     """Stream `url` into the binary file object `out`, with a tqdm bar on stderr."""
-    request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch-companion"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with _open_url(url) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         _copy_stream(response, out, progress=progress, label=label, total=total)
         if total is not None and out.tell() < total:

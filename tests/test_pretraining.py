@@ -20,7 +20,7 @@ from ch01_tokenization.tokenization import BPETokenizer, CharTokenizer, Tiktoken
 from ch03_gpt_model.gpt import ACTIVATION_BYTES, GPT_CONFIGS, GPTConfig, GPTModel, generate
 from ch04_pretraining import data as corpora
 from ch04_pretraining import pretraining
-from ch04_pretraining.__main__ import parse_args, train_parser
+from ch04_pretraining.__main__ import parse_args, run_or_report, train_parser
 from ch04_pretraining.config import (
     TrainConfig,
     activation_bytes_per_token,
@@ -102,6 +102,23 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
     assert lrs[55] == pytest.approx(0.1 + 0.5 * 0.9, rel=1e-6)
     assert lrs[100] == lrs[119] == 0.1
+
+
+def test_warmup_stable_decay_holds_the_peak_then_falls_linearly():
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100, decay_steps=20) for s in range(110)]
+    assert lrs[:10] == [lr_at(s, 1.0, 0.1, 10, 100) for s in range(10)]            # the same warm-up
+    assert lrs[9:81] == [1.0] * 72                                                  # held until 20 steps are left
+    assert lrs[90] == pytest.approx(0.1 + 0.9 * 10 / 20) and lrs[99] == pytest.approx(0.1 + 0.9 / 20)
+    assert all(a > b for a, b in zip(lrs[80:100], lrs[81:101])) and lrs[100] == lrs[109] == 0.1
+
+
+def test_a_wsd_run_follows_its_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=40, eval_interval=20, log_interval=1, schedule="wsd", decay_fraction=0.25)
+    result = train(cfg, **QUIET)
+    logged = {row["step"]: row["lr"] for row in read_steps(tmp_path)}       # row n: the lr of step n - 1
+    assert result["step"] == 40 and [logged[s] for s in (10, 21, 30)] == [3e-3] * 3
+    assert [logged[s] for s in (31, 40)] == pytest.approx([lr_at(s, 3e-3, 3e-4, 3, 40, 10) for s in (30, 39)])
+    assert logged[40] == pytest.approx(3e-4 + 2.7e-3 / 10) and read_metrics(tmp_path)[1]["lr"] == 3e-3
 
 
 def test_weight_decay_only_on_matrices():
@@ -213,6 +230,8 @@ def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
     ("lr", 0.0, "lr: must be a positive number"),
     ("lr", float("nan"), "lr: must be a positive number"),
     ("min_lr", 1.0, r"min_lr: \(1.0\) must not exceed lr"),
+    ("schedule", "linear", "schedule: must be cosine or wsd"),
+    ("decay_fraction", 0.0, r"decay_fraction: must be in \(0, 1\]"),
     ("model", dict(dropout=1.0), r"dropout: must be in \[0, 1\)"),
     ("beta2", 1.0, "beta2"),
     ("model", dict(n_embd=128, n_head=3), r"n_head: n_embd \(128\) must be divisible by n_head \(3\)"),
@@ -225,6 +244,19 @@ def test_bad_settings_are_refused_naming_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match) as info:
         TrainConfig(**{field: value})
     assert info.value.field == (match.split(":")[0] if field == "model" else field)
+
+
+def test_the_command_line_reports_mistakes_in_one_line_and_bugs_with_their_traceback(capsys):
+    def mistake():
+        raise ConfigError("lr", "must be a positive number, got 0")
+
+    def bug():
+        raise ValueError("operands could not be broadcast together")
+
+    assert run_or_report(mistake) is None
+    assert capsys.readouterr().err == "error: --lr: must be a positive number, got 0\n"
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        run_or_report(bug)
 
 
 def test_bad_data_is_named_in_the_callers_terms(tmp_path):
