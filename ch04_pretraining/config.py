@@ -68,7 +68,9 @@ class TrainConfig:
     schedule: str = knob("cosine", "after the warm-up: cosine (decay all the way), or wsd (hold the peak, then "
                                    "decay linearly over the last decay_fraction of the steps)")
     decay_fraction: float = knob(0.2, "for wsd: the share of max_steps spent decaying")
-    weight_decay: float = knob(0.1, "AdamW weight decay, on matrices only")
+    optimizer: str = knob("adamw", "adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest, "
+                                   "at the same lr and weight decay")
+    weight_decay: float = knob(0.1, "decoupled weight decay, on matrices only")
     grad_clip: float = knob(1.0, "clip the gradient norm to this; 0: no clipping")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ConfigError("lr", f"must be a positive number, got {self.lr!r}")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError("optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError("schedule", f"must be cosine or wsd, got {self.schedule!r}")
         if not number(self.decay_fraction) or not 0 < self.decay_fraction <= 1:

@@ -73,14 +73,108 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                        betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embeddings) only, not on biases or norms."""
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                        optimizer: str = "adamw"):
+    """AdamW over the model's trainable parameters (`adamw`). With `optimizer="muon"`, Muon (below) takes the
+    matrices inside the blocks, at the same learning rate and weight decay, and AdamW the rest: an
+    `Optimizers` of the two."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        return adamw(params, lr, weight_decay, betas)
+    matrices = hidden_matrices(model)
+    taken = {id(p) for p in matrices}
+    return Optimizers(muon=Muon(matrices, lr=lr, weight_decay=weight_decay),
+                      adamw=adamw([p for p in params if id(p) not in taken], lr, weight_decay, betas))
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float,
+          betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear weights, embeddings) only, not on biases or norms; fused
+    when every parameter is on a GPU."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+# Newton-Schulz's quintic p(x) = a x + b x^3 + c x^5, with Jordan's coefficients: they lift small singular
+# values towards 1 in five steps
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """For matrix = U S V^T, of shape (rows, cols): about U V^T, the same directions with every singular value
+    near 1 (between about 0.7 and 1.2), from `steps` Newton-Schulz iterations in bfloat16, matrix products
+    only. Returns (rows, cols) in bfloat16."""
+    a, b, c = NEWTON_SCHULZ
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.bfloat16().T if tall else matrix.bfloat16()    # iterate on the wide side: the smaller X X^T
+    x = x / x.norm().clamp(min=eps)                 # the Frobenius norm bounds the spectral: singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a X + (b G + c G^2) X
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: a momentum average of the gradients (Nesterov's form by default), orthogonalised,
+    stepped with the learning rate times 0.2 sqrt(max(rows, cols)) (so that it shares AdamW's learning rate),
+    with AdamW's decoupled weight decay. Its state is torch.optim.Muon's: a `momentum_buffer` per weight."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      steps=steps))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            for weight in group["params"]:
+                if weight.grad is None:
+                    continue
+                if weight.dim() != 2:
+                    raise ValueError(f"Muon steps matrices; got a weight of shape {tuple(weight.shape)}")
+                momentum = self.state[weight].setdefault("momentum_buffer", torch.zeros_like(weight))
+                momentum.lerp_(weight.grad, 1 - group["momentum"])      # m <- beta m + (1 - beta) g
+                direction = weight.grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
+                weight.mul_(1 - group["lr"] * group["weight_decay"])
+                weight.add_(orthogonalize(direction, group["steps"]),
+                            alpha=-group["lr"] * 0.2 * max(weight.shape) ** 0.5)
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the linear layers inside the model's blocks (the modules of any nn.ModuleList): what
+    Muon steps. Embeddings, the output layer, gains and biases are not among them."""
+    return [layer.weight for blocks in model.modules() if isinstance(blocks, nn.ModuleList)
+            for layer in blocks.modules() if isinstance(layer, nn.Linear) and layer.weight.requires_grad]
+
+
+class Optimizers:
+    """Several optimizers stepping as one, each over its own parameters: Muon for the hidden matrices and
+    AdamW for the rest. It offers what the training loop and a GradScaler use of an optimizer: the
+    parameter groups of all, `step`, `zero_grad`, and one state dict to save and load."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def step(self, closure=None) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
 
 
 # ---- `train`, and the loop it runs -----------------------------------------------------------------------
@@ -167,7 +261,8 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
             cfg, model, tokenizer, data = setup(cfg)
             on_main_process(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
             model = model.to(device)
-            run = Run(cfg, model, configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)),
+            optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer)
+            run = Run(cfg, model, optimizer,
                       data, tokenizer, choose_precision(device), rank=rank, world=world, local_rank=local_rank,
                       command=command)
             if resume:

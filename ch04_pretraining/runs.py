@@ -165,7 +165,7 @@ def checkpoint_steps(out_dir: str | Path) -> list[int]:
 
 # Training settings a checkpoint must have been made with; the model's settings must match too, except the
 # ones its config marks resumable (dropout, the initial std).
-_SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple")
+_SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple", "optimizer")
 
 
 def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tuple[dict, dict]:

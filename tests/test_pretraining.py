@@ -37,10 +37,12 @@ from ch04_pretraining.evaluation import (
     nats_per_character,
 )
 from ch04_pretraining.pretraining import (
+    Muon,
     TrainingDiverged,
     configure_optimizer,
     estimate_loss,
     lr_at,
+    orthogonalize,
     steps_within_budget,
     train,
 )
@@ -119,6 +121,89 @@ def test_a_wsd_run_follows_its_schedule(tmp_path):
     assert result["step"] == 40 and [logged[s] for s in (10, 21, 30)] == [3e-3] * 3
     assert [logged[s] for s in (31, 40)] == pytest.approx([lr_at(s, 3e-3, 3e-4, 3, 40, 10) for s in (30, 39)])
     assert logged[40] == pytest.approx(3e-4 + 2.7e-3 / 10) and read_metrics(tmp_path)[1]["lr"] == 3e-3
+
+
+# ---- Muon ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (48, 48)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_equals_pytorchs_muon(shape, nesterov):
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
+    theirs.data.copy_(ours.data)
+    opt_ours = Muon([ours], lr=0.01, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
+    opt_theirs = torch.optim.Muon([theirs], lr=0.01, weight_decay=0.1, momentum=0.9, nesterov=nesterov,
+                                  adjust_lr_fn="match_rms_adamw")
+    for _ in range(5):
+        ours.grad = torch.randn(shape)
+        theirs.grad = ours.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.equal(opt_ours.state[ours]["momentum_buffer"], opt_theirs.state[theirs]["momentum_buffer"])
+
+
+def test_orthogonalize_keeps_the_directions_and_evens_the_singular_values():
+    torch.manual_seed(0)
+    gradient = torch.randn(64, 8) @ torch.randn(8, 256) + 0.1 * torch.randn(64, 256)   # 8 strong directions
+    before = torch.linalg.svd(gradient, full_matrices=False)
+    result = orthogonalize(gradient).float()
+    after = torch.linalg.svd(result, full_matrices=False)
+    assert before.S[-1] / before.S[0] < 0.01                        # far from even...
+    assert 0.5 < after.S.min() and after.S.max() < 1.5              # ...and now close to it
+    # the strong directions are kept: along them the result is about diag(1), as U V^T is
+    along = before.U[:, :8].T @ result @ before.Vh[:8].T                    # (8, 8)
+    assert 0.5 < along.diagonal().min() and along.diagonal().max() < 1.5
+    assert (along - torch.diag(along.diagonal())).abs().max() < 0.05
+    # the part of U V^T that the weak directions make up is approximated too
+    exact = before.U @ before.Vh
+    assert torch.nn.functional.cosine_similarity(result.flatten(), exact.flatten(), dim=0) > 0.95
+
+
+@pytest.mark.parametrize("arch, per_block", [("gpt", 4), ("llama", 7)])
+def test_muon_takes_the_matrices_of_the_blocks_and_adamw_the_rest(arch, per_block):
+    model = tiny_config("x", arch).build_model(65)
+    optimizer = configure_optimizer(model, 1e-3, 0.1, optimizer="muon")
+    matrices = optimizer.optimizers["muon"].param_groups[0]["params"]
+    rest = [p for group in optimizer.optimizers["adamw"].param_groups for p in group["params"]]
+    assert len(matrices) == per_block * 2 and all(p.dim() == 2 for p in matrices)
+    assert {id(p) for p in matrices}.isdisjoint(id(p) for p in rest)
+    assert {id(p) for p in matrices + rest} == {id(p) for p in model.parameters()}
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert {id(p) for p in embeddings} <= {id(p) for p in rest}
+    assert all(group["lr"] == 1e-3 and group["weight_decay"] in (0.1, 0.0) for group in optimizer.param_groups)
+
+
+def test_a_grad_scaler_unscales_and_steps_both_optimizers():
+    torch.manual_seed(0)
+    plain, scaled = (tiny_config("x").build_model(65) for _ in range(2))
+    scaled.load_state_dict(plain.state_dict())
+    x, y = torch.randint(0, 65, (2, 16)), torch.randint(0, 65, (2, 16))
+    plain_opt, scaled_opt = (configure_optimizer(m, 1e-2, 0.1, optimizer="muon") for m in (plain, scaled))
+    plain(x, y).backward()
+    plain_opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)                   # a power of two: exact unscaling
+    scaler.scale(scaled(x, y)).backward()
+    scaler.unscale_(scaled_opt)
+    scaler.step(scaled_opt)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.parameters(), scaled.parameters()))
+
+
+def test_a_muon_run_resumes_exactly_and_keeps_its_optimizer(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(tiny_config(full, optimizer="muon"), **QUIET)
+    shutil.copytree(full, resumed)
+    (resumed / "latest.json").write_text(json.dumps(
+        {"step": 8, "weights": "ckpt-0000008.safetensors", "state": "ckpt-0000008.pt"}))
+    train(tiny_config(resumed, optimizer="muon"), resume=True, **QUIET)
+    assert [r["loss"] for r in read_steps(full)] == [r["loss"] for r in read_steps(resumed)]
+    rows = read_metrics(full)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+    final_full, final_resumed = (load_file(d / "ckpt-0000012.safetensors") for d in (full, resumed))
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+    assert set(load_checkpoint(full)[1]["optimizer"]) == {"muon", "adamw"}
+    with pytest.raises(ConfigError, match="optimizer: checkpoint 'muon', now 'adamw'"):
+        train(tiny_config(resumed, max_steps=16), resume=True, **QUIET)
 
 
 def test_weight_decay_only_on_matrices():
@@ -231,6 +316,7 @@ def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
     ("lr", float("nan"), "lr: must be a positive number"),
     ("min_lr", 1.0, r"min_lr: \(1.0\) must not exceed lr"),
     ("schedule", "linear", "schedule: must be cosine or wsd"),
+    ("optimizer", "sgd", "optimizer: must be adamw or muon"),
     ("decay_fraction", 0.0, r"decay_fraction: must be in \(0, 1\]"),
     ("model", dict(dropout=1.0), r"dropout: must be in \[0, 1\)"),
     ("beta2", 1.0, "beta2"),
@@ -704,10 +790,12 @@ def torchrun(*args, port=None):
             f"--master_port={port or free_port()}", "-m", "ch04_pretraining", *args]
 
 
-def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, optimizer):
     # the rule: each process takes batch_size * grad_accum sequences a step, so 2 processes with grad_accum 1
     # take the global batch of 1 process with grad_accum 2; the data is tokenised by rank 0 alone, first
-    common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4"]
+    common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "6", "--batch-size", "4",
+              "--optimizer", optimizer]
     single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
     assert single.wait(timeout=120) == 0, single.stderr.read()
     ddp = subprocess.run(torchrun(*common, "--grad-accum", "1", "--out-dir", str(tmp_path / "ddp")), cwd=ROOT,
