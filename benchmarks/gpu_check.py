@@ -10,6 +10,7 @@ fails loudly if anything raises or comes out wrong:
   compute it, TF32 on), fused AdamW, then fp16 with a GradScaler forced (as a T4 would run), then
   `torch.compile`, then chapter 6's Llama; tokens/s, MFU (against the datasheet peak, where `peak_flops` has
   one) and peak memory for each;
+- chapter 4b's modern recipe (its switches and Muon) against the baseline, two minutes each on the same tokens;
 - fused attention: PyTorch's flash kernel runs, and equals the plain math kernel;
 - the chunked loss (`linear_cross_entropy`) against `F.cross_entropy` at GPT-2's vocabulary: value,
   gradients and time; then both compiled (each must be one graph) under the run's autocast, time and memory;
@@ -46,6 +47,7 @@ from ch04_pretraining import pretraining
 from ch04_pretraining.config import TrainConfig
 from ch04_pretraining.data import make_tokenizer, train_val_split
 from ch04_pretraining.pretraining import train
+from ch04_pretraining.recipe import RECIPE
 from ch04_pretraining.runs import read_metrics
 from ch06_llama.chat import Chat, ChatModel
 from ch06_llama.decoding import Int4Linear, quantize_for_decoding, quantize_int4_for_decoding
@@ -141,6 +143,29 @@ def training_check(device, size: Size, out: Path, arch: str = "gpt", compile_mod
     mfu = f"MFU {result['tokens_per_s'] * per_token / peak:.1%}" if math.isfinite(peak) else source
     return (f"{precision.name}, {result['tokens_per_s']:,.0f} tokens/s, {mfu}, peak memory {peak_memory(device)}, "
             f"loss {rows[0]['val_loss']:.2f} -> {result['val_loss']:.2f}")
+
+
+def recipe_check(device, size: Size, out: Path) -> str:
+    """Chapter 4b's modern recipe (its switches and Muon) against the baseline (GPT-2 with AdamW), each trained for
+    the same time on the same tokens: two minutes on a GPU, a few steps elsewhere. Both losses must fall."""
+    data = char_data(2_000_000 if device.type == "cuda" else 20_000)
+    minutes = 2.0 if device.type == "cuda" else 0.0
+    results = {}
+    for name, arch, switches, optimizer in [("baseline", "gpt", {}, "adamw"), ("modern", "modern", RECIPE, "muon")]:
+        cfg = TrainConfig(data="synthetic", tokenizer="char", arch=arch, model={**size.gpt, **switches},
+                          optimizer=optimizer, batch_size=size.batch_size, max_steps=100_000 if minutes else size.steps,
+                          time_budget_min=minutes, warmup_steps=2 if not minutes else 50, lr=2e-3, min_lr=2e-4,
+                          eval_interval=size.steps if not minutes else 200, eval_iters=4, log_interval=10,
+                          sample_tokens=0, device=str(device), out_dir=str(out / name))
+        result = train(cfg, overwrite=True, data=data, log=lambda line: None, progress=False)
+        first = read_metrics(out / name)[0]["val_loss"]
+        if not result["val_loss"] < first:
+            raise AssertionError(f"{name}: the loss did not fall: {first:.3f} -> {result['val_loss']:.3f}")
+        results[name] = result
+    baseline, modern = results["baseline"], results["modern"]
+    return (f"in the same time: baseline {baseline['step']} steps to validation loss {baseline['val_loss']:.3f}, "
+            f"modern {modern['step']} steps to {modern['val_loss']:.3f} "
+            f"({modern['tokens_per_s'] / baseline['tokens_per_s']:.2f}x the baseline's tokens/s)")
 
 
 def attention_check(device, size: Size) -> str:
@@ -337,6 +362,7 @@ def run_checks(device: torch.device, size: Size, only: list[str] | None = None,
                                                                           force_fp16=True),
         "train GPT, torch.compile": lambda: training_check(device, size, work / "compile", compile_model=True),
         "train Llama": lambda: training_check(device, size, work / "llama", arch="llama"),
+        "modern recipe against the baseline": lambda: recipe_check(device, size, work / "recipe"),
         "flash attention": lambda: attention_check(device, size),
         "chunked loss": lambda: loss_check(device, size),
         "chunked loss, compiled, mixed precision": lambda: compiled_loss_check(device, size),

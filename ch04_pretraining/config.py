@@ -23,7 +23,9 @@ from shared.config import ConfigError, knob
 ARCHITECTURES = {"gpt": ("ch03_gpt_model.gpt", "GPTConfig", "GPTModel"),
                  "llama": ("ch06_llama.llama", "LlamaConfig", "LlamaModel"),
                  # a Llama with chosen parts switched back to GPT-2's: chapter 6's one-change-at-a-time comparison
-                 "hybrid": ("ch06_llama.llama", "HybridConfig", "HybridModel")}
+                 "hybrid": ("ch06_llama.llama", "HybridConfig", "HybridModel"),
+                 # chapter 3's GPT with the modern recipe's switches: chapter 4b's one-change-at-a-time comparison
+                 "modern": ("ch04_pretraining.recipe", "ModernConfig", "ModernGPT")}
 
 
 def architecture(name: str) -> tuple[type, type]:
@@ -52,7 +54,8 @@ class TrainConfig:
     # data and model
     data: str = knob("tinyshakespeare", "a registered data set (see shared/data.py) or a UTF-8 text file")
     tokenizer: str = knob("char", "char, gpt2, or a file written by Tokenizer.save (chapter 1)")
-    arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2), llama or hybrid (chapter 6)")
+    arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2), modern (chapter 4b), llama or hybrid "
+                                  "(chapter 6)")
     model: dict = field(default_factory=lambda: dict(BABY_GPT), metadata={
         "help": "the model's settings: fields of the architecture's config (vocab_size aside, which the "
                 "tokenizer decides); those left out take the config's defaults, and are filled in"})

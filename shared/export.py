@@ -10,7 +10,9 @@ notebook can give its chapter a few small modules, one idea each (nbdev's ``#| e
 the same way). Every module starts with a header that names its notebook; its docstring is the one its
 first export cell opens with; where a notebook section (a ``## `` or ``### `` heading) starts a new group
 of that module's cells, the module gets a banner with the section's title, so the file reads in the
-notebook's order. Modules are never edited by hand: edit the notebook, then export. A module that an
+notebook's order. A chapter's folder may hold a second (bonus) notebook beside its own; its cells export to
+the modules they name (``#| export recipe``), never to the main module, and no two notebooks write one module.
+Modules are never edited by hand: edit the notebook, then export. A module that an
 earlier export wrote and the notebook no longer names is removed (``--check`` reports it).
 
 Modules of one chapter use each other's names without importing them in the notebook, where every cell shares
@@ -58,12 +60,16 @@ def _source(cell: dict) -> str:
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
-def export_target(first_line: str, default: str, notebook: Path, index: int) -> str | None:
+def export_target(first_line: str, default: str | None, notebook: Path, index: int) -> str | None:
     """The module a cell whose first line is `first_line` exports to: `default` for ``#| export``, NAME for
     ``#| export NAME``, None for a cell that is not exported. A near miss (``#|export``, ``# | Export``,
-    ``#| export Lora.py``) is an error, since it would otherwise leave the cell out without a word."""
+    ``#| export Lora.py``) is an error, since it would otherwise leave the cell out without a word; so is a
+    plain mark in a notebook without a `default` (a chapter's second notebook names its modules)."""
     line = first_line.strip()
     if line == EXPORT_MARK:
+        if default is None:
+            raise ExportError(f"{notebook}: cell {index} is marked {EXPORT_MARK!r}, but only the chapter's own "
+                              f"notebook exports to its main module; name a module: {EXPORT_MARK + ' NAME'!r}")
         return default
     if line.startswith(EXPORT_MARK + " "):
         name = line[len(EXPORT_MARK):].strip()
@@ -87,7 +93,7 @@ def _section_title(markdown: str) -> str | None:
     return re.sub(r"^\d+(\.\d+)*\.?\s+", "", titles[-1]) if titles else None
 
 
-def exported_cells(notebook: Path, default: str = "module") -> dict[str, list[str]]:
+def exported_cells(notebook: Path, default: str | None = "module") -> dict[str, list[str]]:
     """For each module `notebook` exports to (`default` for plain ``#| export`` cells), the sources of its
     cells in order, the mark line removed and a section banner put in front of the first of that module's
     cells in each later section."""
@@ -167,7 +173,7 @@ def sibling_imports(package: str, sources: dict[str, str], notebook: Path) -> di
             for name in sources}
 
 
-def render_modules(notebook: Path, default: str, root: Path = ROOT) -> dict[Path, str]:
+def render_modules(notebook: Path, default: str | None, root: Path = ROOT) -> dict[Path, str]:
     """{module path: text} for every module `notebook` exports to (none if it has no export cells)."""
     header = GENERATED.format(notebook=notebook.relative_to(root).as_posix()) + \
         "# Do not edit: change the notebook's `#| export` cells and export again.\n"
@@ -206,8 +212,9 @@ def generated_modules(notebook: Path, root: Path = ROOT) -> list[Path]:
     return found
 
 
-def chapter_targets(root: Path = ROOT) -> list[tuple[Path, str]]:
-    """(notebook, main module name) for every chapter whose notebook exists under `root`."""
+def chapter_targets(root: Path = ROOT) -> list[tuple[Path, str | None]]:
+    """(notebook, main module name) for every chapter whose notebook exists under `root`; then (notebook, None)
+    for each further notebook of that chapter's folder (a bonus notebook), whose exports name their modules."""
     if not root.is_dir():
         raise ExportError(f"root {root} is not a folder; give the companion's checkout")
     pairs = []
@@ -215,6 +222,7 @@ def chapter_targets(root: Path = ROOT) -> list[tuple[Path, str]]:
         notebook = root / folder / f"{folder}.ipynb"
         if notebook.is_file():
             pairs.append((notebook, module))
+            pairs += [(other, None) for other in sorted(notebook.parent.glob("*.ipynb")) if other != notebook]
     if not pairs:
         raise ExportError(f"no chapter notebook under {root} (looked for {', '.join(CHAPTER_MODULES)})")
     return pairs
@@ -223,10 +231,14 @@ def chapter_targets(root: Path = ROOT) -> list[tuple[Path, str]]:
 def export_all(root: Path = ROOT, check: bool = False) -> list[Path]:
     """Write (or, with `check`, compare) every chapter module, and remove modules a notebook no longer
     exports to; return the modules that differ(ed) or were stale."""
-    differing = []
+    differing, writers = [], {}
     for notebook, default in chapter_targets(root):
         texts = render_modules(notebook, default, root)
         for module, text in texts.items():
+            if module in writers:
+                raise ExportError(f"{notebook} and {writers[module]} both export to {module.name}; a module "
+                                  f"comes from one notebook")
+            writers[module] = notebook
             current = module.read_text(encoding="utf-8") if module.is_file() else None
             if current == text:
                 continue

@@ -18,8 +18,9 @@ def test_every_check_passes_on_the_cpu(capsys):
     gpu_check = load_gpu_check()
     assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "compile"]) == 0     # compile: a minute here
     out = capsys.readouterr().out
-    assert "9 of 9 checks passed" in out and "FAIL" not in out
+    assert "10 of 10 checks passed" in out and "FAIL" not in out
     assert "gloo" in out and "cached = recomputed" in out and "equal value and gradients" in out
+    assert "in the same time: baseline" in out and "modern 6 steps" in out
 
 
 def test_a_failing_check_is_reported_and_fails_the_run(capsys, monkeypatch):

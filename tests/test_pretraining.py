@@ -809,9 +809,17 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, optimiz
         if name.endswith("attn.c_attn.bias"):
             width = a[name].numel() // 3
             a[name], b[name] = (torch.cat([t[:width], t[2 * width:]]) for t in (a[name], b[name]))  # q and v
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert not torch.equal(a["transformer.wte.weight"],
-                           load_file(tmp_path / "single" / "ckpt-0000000.safetensors")["transformer.wte.weight"])
+    start = load_file(tmp_path / "single" / "ckpt-0000000.safetensors")
+    # Muon orthogonalises in bfloat16, where a last-bit difference in a summed gradient can round the other way:
+    # its matrices must agree to within 3% of how far they moved (in norm), everything else to round-off
+    muon = {name for name in a if optimizer == "muon" and ".h." in name and a[name].dim() == 2}
+    for name in a:
+        if name in muon:
+            assert (a[name] - b[name]).norm() < 0.03 * (a[name] - start[name]).norm(), name
+        else:
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert len(muon) == (8 if optimizer == "muon" else 0)
+    assert not torch.equal(a["transformer.wte.weight"], start["transformer.wte.weight"])
 
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_no_rank_crashes(tmp_path):
