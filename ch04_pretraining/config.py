@@ -52,7 +52,9 @@ class TrainConfig:
     values that cannot work, naming the field."""
 
     # data and model
-    data: str = knob("tinyshakespeare", "a registered data set (see shared/data.py) or a UTF-8 text file")
+    data: str = knob("tinyshakespeare", "a registered data set (see shared/data.py), tinystories, fineweb-edu, or a "
+                                        "UTF-8 text file")
+    data_files: int = knob(2, "fineweb-edu: how many of its 13 training files to read (about 0.7B tokens each)")
     tokenizer: str = knob("char", "char, gpt2, or a file written by Tokenizer.save (chapter 1)")
     arch: str = knob("gpt", "the model: gpt (chapter 3's GPT-2), modern (chapter 4b), llama or hybrid "
                                   "(chapter 6)")
@@ -98,7 +100,7 @@ class TrainConfig:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         for name in ("vocab_multiple", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
-                     "log_interval"):
+                     "log_interval", "data_files"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")

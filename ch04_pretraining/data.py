@@ -19,6 +19,7 @@ from shared.data import REGISTRY, cache_dir, fetch
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
 from ch04_pretraining.config import TrainConfig
+from ch04_pretraining.fineweb import fineweb_edu
 
 
 def read_corpus(data: str) -> str:
@@ -151,8 +152,13 @@ def load_data(cfg: TrainConfig) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
     """(tokenizer, train tokens, validation tokens) for the run's data and tokenizer.
 
     `tinystories` means the full TinyStories V2 files, tokenized once with GPT-2's BPE into uint16
-    memory-mapped files in the data cache; anything else is read whole and split 90/10.
+    memory-mapped files in the data cache; `fineweb-edu`, the first `data_files` files of FineWeb-Edu's sample
+    and its held-out validation shard (section 14); anything else is read whole and split 90/10.
     """
+    if cfg.data == "fineweb-edu":
+        if cfg.tokenizer != "gpt2":
+            raise ConfigError("tokenizer", f"FineWeb-Edu is read with the gpt2 tokenizer, not {cfg.tokenizer!r}")
+        return fineweb_edu(cfg.data_files)[:3]
     if cfg.data == "tinystories":
         if cfg.tokenizer != "gpt2":
             raise ConfigError("tokenizer", f"TinyStories is read with the gpt2 tokenizer, not {cfg.tokenizer!r}")
