@@ -245,11 +245,14 @@ PRESET_MODELS = {
 }
 # the hybrid starts as its scale's Llama; its own settings (norm, positions, mlp) switch parts back to GPT-2's
 PRESET_MODELS |= {(scale, "hybrid"): model for (scale, arch), model in list(PRESET_MODELS.items()) if arch == "llama"}
+# chapter 4b's modern GPT starts as its scale's GPT-2, every switch off; its settings switch the recipe's parts on
+PRESET_MODELS |= {(scale, "modern"): model for (scale, arch), model in list(PRESET_MODELS.items()) if arch == "gpt"}
 
 
 def scale_preset(scale: str, arch: str = "gpt", gpu_memory_bytes: float | None = None) -> TrainConfig:
     """The run each scale stands for: smoke (seconds), cpu (nanoGPT's baby Shakespeare run, a small
-    char-level model, about a minute), gpu (a ~124M model on TinyStories, bounded by a one-hour budget).
+    char-level model, about a minute), gpu (a ~124M model on two files of FineWeb-Edu, about 1.4B tokens, bounded
+    by a one-hour budget; `data="tinystories"` is the smaller download).
 
     The gpu run is set up the way a GPU wants: `torch.compile`, TF32 (turned on by `train` on CUDA), a
     vocabulary padded to a multiple of 64, and the micro-batch fitted to the card's memory (`fitted_to_gpu`)."""
@@ -264,8 +267,8 @@ def scale_preset(scale: str, arch: str = "gpt", gpu_memory_bytes: float | None =
         return TrainConfig(arch=arch, model=model, batch_size=12, max_steps=2000, warmup_steps=100,
                            eval_interval=250, eval_iters=20,
                            out_dir="runs/shakespeare-char" if arch == "gpt" else f"runs/shakespeare-char-{arch}")
-    run = TrainConfig(data="tinystories", tokenizer="gpt2", arch=arch, model=model, vocab_multiple=64, batch_size=64,
-                      grad_accum=1, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, weight_decay=0.1,
-                      beta2=0.95, eval_interval=250, eval_iters=20, time_budget_min=60, sample_tokens=64,
-                      compile=True, out_dir=f"runs/{'gpt2' if arch == 'gpt' else arch}-tinystories")
+    run = TrainConfig(data="fineweb-edu", data_files=2, tokenizer="gpt2", arch=arch, model=model, vocab_multiple=64,
+                      batch_size=64, grad_accum=1, max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+                      weight_decay=0.1, beta2=0.95, eval_interval=250, eval_iters=20, time_budget_min=60,
+                      sample_tokens=64, compile=True, out_dir=f"runs/{'gpt2' if arch == 'gpt' else arch}-fineweb-edu")
     return fitted_to_gpu(run, gpu_memory_bytes)

@@ -4,7 +4,7 @@
 """Chapter 4: pretraining. The training loop for chapter 3's GPTModel (and chapter 6's Llama).
 
 - The recipe: `lr_at`, `configure_optimizer`; one step (`micro_batches`, `accumulate_gradients`,
-  `apply_update`); `estimate_loss`; the data a run trains on (`TokenWindows`).
+  `apply_update`); `estimate_loss`, `text_bytes` (for bits per byte); the data a run trains on (`TokenWindows`).
 - The run: `train` (and `run_training`, for any model and data), `training_loop`, a time budget
   (`steps_within_budget`, `fit_to_budget`).
 
@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -228,7 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, data=
     """
     def setup(cfg: TrainConfig):
         tokenizer, train_tokens, val_tokens = data if data is not None else load_data(cfg)
-        return cfg, cfg.build_model(tokenizer.n_vocab), tokenizer, TokenWindows(train_tokens, val_tokens, cfg)
+        windows = TokenWindows(train_tokens, val_tokens, cfg, text_bytes(tokenizer, val_tokens) / len(val_tokens))
+        return cfg, cfg.build_model(tokenizer.n_vocab), tokenizer, windows
 
     prepare = None if data is not None else load_data   # under torchrun: downloaded and tokenised once, by rank 0
     return run_training(cfg, setup, resume, overwrite, log, progress, clock, prepare=prepare)
@@ -497,11 +499,14 @@ class TokenWindows:
     """Pretraining's data as a run sees it: for each step, this process's micro-batches of random windows of
     the training tokens (`next_micro_batches`); a fixed evaluation of both splits (`evaluate`); a state to
     save and restore (`state_dict`, `load_state_dict`); and a first token to start samples from (`prompt`).
+    Given the UTF-8 bytes of text per validation token, the evaluation also reports the validation loss in bits
+    per byte (`val_bpb`), which runs with different tokenizers can be compared on.
 
     `train` trains any object with these methods: chapter 5 finetunes on labelled examples this way."""
 
-    def __init__(self, train_tokens, val_tokens, cfg: TrainConfig):
-        self.splits, self.cfg = {"train": train_tokens, "val": val_tokens}, cfg
+    def __init__(self, train_tokens, val_tokens, cfg: TrainConfig, val_bytes_per_token: float | None = None):
+        self.splits, self.cfg, self.val_bytes_per_token = {"train": train_tokens, "val": val_tokens}, cfg, \
+            val_bytes_per_token
         self.sampler = BatchSampler(train_tokens, cfg.context_length, cfg.seed)
 
     def next_micro_batches(self, rank: int, world: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -509,11 +514,14 @@ class TokenWindows:
         return micro_batches(self.splits["train"], starts, self.cfg, rank, world, device)
 
     def evaluate(self, model: nn.Module, precision: Precision) -> dict[str, float]:
-        """{"train_loss": ..., "val_loss": ...} on the same windows every time."""
+        """{"train_loss": ..., "val_loss": ...[, "val_bpb": ...]} on the same windows every time."""
         cfg = self.cfg
         losses = estimate_loss(model, self.splits, cfg.eval_iters, cfg.batch_size, cfg.context_length, precision,
                                seed=cfg.seed)
-        return {f"{name}_loss": loss for name, loss in losses.items()}
+        measured = {f"{name}_loss": loss for name, loss in losses.items()}
+        if self.val_bytes_per_token:
+            measured["val_bpb"] = measured["val_loss"] / (math.log(2) * self.val_bytes_per_token)
+        return measured
 
     def prompt(self) -> list[int]:
         return [int(self.splits["val"][0])]
@@ -575,6 +583,19 @@ def estimate_loss(model: nn.Module, splits: dict, eval_iters: int, batch_size: i
         losses[name] = total / eval_iters
     model.train(was_training)
     return losses
+
+
+def text_bytes(tokenizer: Tokenizer, tokens, chunk: int = 1 << 20) -> int:
+    """The UTF-8 bytes of the text that `tokens` (ids, any length) stand for, read `chunk` ids at a time.
+    `<|endoftext|>` marks where a document ends and counts no bytes: predicting it still costs the model bits,
+    as the end of a document is information too."""
+    total = 0
+    for start in range(0, len(tokens), chunk):
+        ids = np.asarray(tokens[start:start + chunk])
+        if tokenizer.eot_token is not None:
+            ids = ids[ids != tokenizer.eot_token]
+        total += len(tokenizer.decode_bytes(ids.tolist()))
+    return total
 
 
 class TrainingDiverged(RuntimeError):

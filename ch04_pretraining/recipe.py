@@ -14,15 +14,18 @@ Chapter 4's trainer knows it as the architecture "modern"; Muon, the optimizer o
 `TrainConfig(optimizer="muon")`.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ch02_attention.attention import MultiHeadAttention
-from ch03_gpt_model.gpt import MLP, GPTConfig, GPTModel, check_token_inputs
+from ch03_gpt_model.gpt import CHUNK_LOGITS, MLP, WHOLE_LOGITS_MAX, GPTConfig, GPTModel, check_token_inputs
+from ch04_pretraining.config import fitted_to_gpu, scale_preset
+from ch04_pretraining.pretraining import hidden_matrices
 from shared.config import ConfigError, knob
 
 
@@ -69,9 +72,10 @@ class QKNormAttention(MultiHeadAttention):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Three (batch, heads, seq, head_dim): the queries and keys normalised over head_dim."""
+        """Three (batch, heads, seq, head_dim): the queries and keys normalised over head_dim, in float32 (under
+        autocast they arrive in 16 bits, and the norms' gains are float32), then back in the values' dtype."""
         q, k, v = super().queries_keys_values(x)
-        return self.q_norm(q), self.k_norm(k), v
+        return self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype), v
 
 
 class ReLU2MLP(MLP):
@@ -95,7 +99,34 @@ class SoftCappedHead(nn.Module):
         self.cap = cap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cap * torch.tanh(hidden @ self.weight.t() / self.cap)
+        return soft_cap(hidden @ self.weight.t(), self.cap)
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), computed in float32: any shape, the same shape."""
+    return cap * torch.tanh(logits.float() / cap)
+
+
+def _capped_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    return F.cross_entropy(soft_cap(hidden @ weight.t(), cap), targets, reduction="sum")
+
+
+def capped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the capped logits cap * tanh(hidden @ weight.T / cap) (hidden (N, d), weight
+    (vocab, d)) against `targets` (N,), -100 ignored: value and gradients of `F.cross_entropy` on them.
+
+    Small problems take the logits whole. Larger ones go `chunk_size` rows at a time (by default as many as
+    chapter 3's CHUNK_LOGITS), each chunk under activation checkpointing: its logits are dropped after its loss
+    is summed and made again in the backward pass, so at most one chunk's are held at a time. Without it, GPT-2's
+    vocabulary at 16 x 1,024 tokens would keep some 3 GB of logits for the backward pass, per copy."""
+    if chunk_size is None and hidden.shape[0] * weight.shape[0] <= WHOLE_LOGITS_MAX:
+        return F.cross_entropy(soft_cap(hidden @ weight.t(), cap), targets)
+    chunk_size = chunk_size or max(1, CHUNK_LOGITS // weight.shape[0])
+    total = sum(checkpoint(_capped_loss_sum, hidden[start:start + chunk_size], weight,
+                           targets[start:start + chunk_size], cap, use_reentrant=False)
+                for start in range(0, hidden.shape[0], chunk_size))
+    return total / (targets != -100).sum()
 
 
 class ModernGPT(GPTModel):
@@ -123,15 +154,16 @@ class ModernGPT(GPTModel):
                 nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """As `GPTModel.forward`; with a soft cap the loss is taken from the capped logits, which are then held
-        whole (chapter 3's chunked loss knows only a plain linear output layer)."""
+        """As `GPTModel.forward`; with a soft cap the loss is taken from the capped logits, chunk by chunk
+        (`capped_cross_entropy`), since chapter 3's chunked loss knows only a plain linear output layer."""
         if not self.cfg.logit_softcap:
             return super().forward(idx, targets)
         check_token_inputs(idx, targets, self.cfg.context_length)
-        logits = self.lm_head(self.hidden_states(idx))                      # (batch, seq, vocab)
+        hidden = self.hidden_states(idx)                                    # (batch, seq, n_embd)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return self.lm_head(hidden)
+        return capped_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                    self.cfg.logit_softcap)
 
     def save_pretrained_hf(self, directory) -> Path:
         """A Hugging Face GPT-2 checkpoint, for a model whose switches are all off; a ValueError otherwise."""
@@ -139,3 +171,23 @@ class ModernGPT(GPTModel):
             raise ValueError("a GPT with QK-norm, ReLU^2, a logit cap or zero-initialised projections is not a "
                              "GPT-2: Hugging Face's GPT2LMHeadModel could not run it; save the run's own checkpoint")
         return super().save_pretrained_hf(directory)
+
+
+# ---- The gpu scale: a claim, argued before it runs -------------------------------------------------------
+
+def recipe_preset(scale: str, gpu_memory_bytes: float | None = None):
+    """Chapter 4's preset of `scale` (a TrainConfig) with the modern recipe: every switch of RECIPE on, Muon, and
+    the warm-up-stable-decay schedule. At the gpu scale the micro-batch is fitted again, to the untied model."""
+    run = scale_preset(scale, "modern", gpu_memory_bytes)
+    run = replace(run, model={**run.model, **RECIPE}, optimizer="muon", schedule="wsd")
+    return fitted_to_gpu(run, gpu_memory_bytes) if scale == "gpu" else run
+
+
+def newton_schulz_flops(model: nn.Module, steps: int = 5) -> int:
+    """FLOPs of Muon's orthogonalisation in one optimizer step: for each hidden matrix, taken wide side first
+    (m <= n), each iteration multiplies X X^T (2 m^2 n), G G (2 m^3) and (b G + c G^2) X (2 m^2 n)."""
+    total = 0
+    for weight in hidden_matrices(model):
+        m, n = sorted(weight.shape)
+        total += steps * (4 * m * m * n + 2 * m ** 3)
+    return total

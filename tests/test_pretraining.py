@@ -277,7 +277,7 @@ def test_measured_activation_bytes_are_chapter_3s_for_gpt():
 
 def test_gpu_preset_is_what_a_gpu_user_expects():
     cfg = scale_preset("gpu", gpu_memory_bytes=16e9)
-    assert cfg.data == "tinystories" and cfg.tokenizer == "gpt2" and cfg.time_budget_min == 60
+    assert cfg.data == "fineweb-edu" and cfg.data_files == 2 and cfg.tokenizer == "gpt2" and cfg.time_budget_min == 60
     assert cfg.batch_size * cfg.grad_accum == 64 and cfg.compile and cfg.vocab_multiple == 64
     model_cfg = cfg.model_config(50257)
     assert model_cfg.vocab_size == 50304
@@ -395,6 +395,8 @@ def test_training_learns_and_logs_evaluations_and_steps(tmp_path, arch):
     assert set(rows[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
     assert rows[0]["train_loss"] == pytest.approx(math.log(65), abs=0.3)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+    # Tiny Shakespeare is ASCII, one byte per character and token: bits per byte are nats per token over ln 2
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2)) for r in rows)
     steps = read_steps(tmp_path)
     assert [r["step"] for r in steps] == list(range(2, 41, 2))
     assert all(r["grad_norm"] > 0 and r["step_s"] > 0 and r["loss"] > 0 for r in steps)
@@ -477,7 +479,7 @@ def test_cli_fits_the_gpu_batch_to_the_model_after_the_flags():
     given, _, _ = parse_args(["--scale", "gpu", "--n-embd", "1536", "--n-head", "16", "--batch-size", "8"])
     assert given.batch_size == 8                                     # a batch size given by hand is kept
     llama, _, _ = parse_args(["--scale", "gpu", "--arch", "llama"])
-    assert llama.arch == "llama" and llama.model["n_embd"] == 768 and llama.out_dir == "runs/llama-tinystories"
+    assert llama.arch == "llama" and llama.model["n_embd"] == 768 and llama.out_dir == "runs/llama-fineweb-edu"
 
 
 def test_resume_on_the_command_line_takes_the_saved_architecture(tmp_path):
@@ -906,6 +908,28 @@ def test_hellaswag_on_the_sample(arch):
     model = cfg.build_model(tokenizer.n_vocab)
     result = evaluate_hellaswag(model, tokenizer, rows[:40])
     assert result["n"] == 40 and result["skipped"] == 0 and 0 <= result["acc_norm"] <= 1
+
+
+def test_text_bytes_counts_the_utf8_of_the_text_and_not_the_document_marks():
+    gpt2 = TiktokenTokenizer("gpt2")
+    documents = ["Grüße aus Köln", "日本語のテキスト", "plain ASCII"]
+    ids = [i for doc in documents for i in [gpt2.eot_token, *gpt2.encode(doc)]]
+    expected = sum(len(doc.encode("utf-8")) for doc in documents)
+    # chunks of 3 ids cut through characters that GPT-2 spreads over several tokens: bytes still add up
+    assert pretraining.text_bytes(gpt2, np.array(ids, dtype=np.uint16), chunk=3) == expected
+    assert pretraining.text_bytes(CharTokenizer("hé llo"), CharTokenizer("hé llo").encode("hé hé")) == 7
+
+
+def test_a_run_reports_bits_per_byte_from_its_tokenizers_bytes_per_token(tmp_path):
+    text = "Grüße, 日本語! " * 400                    # many bytes per character: bits per byte differ from nats
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    cfg = tiny_config(tmp_path / "run", data=str(tmp_path / "text.txt"), max_steps=4)
+    tokenizer, _, val_tokens = load_data(cfg)
+    bytes_per_token = len(tokenizer.decode(val_tokens.tolist()).encode("utf-8")) / len(val_tokens)
+    assert bytes_per_token > 1.5
+    train(cfg, **QUIET)
+    for row in read_metrics(tmp_path / "run"):
+        assert row["val_bpb"] == pytest.approx(row["val_loss"] / (math.log(2) * bytes_per_token))
 
 
 def test_nats_per_character_is_the_token_loss_rescaled():

@@ -8,9 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from ch03_gpt_model.gpt import GPTConfig, GPTModel, generate
+from ch04_pretraining.__main__ import parse_args
 from ch04_pretraining.config import TrainConfig
 from ch04_pretraining.pretraining import hidden_matrices, train
-from ch04_pretraining.recipe import ModernConfig, ModernGPT
+from ch04_pretraining.recipe import (
+    RECIPE,
+    ModernConfig,
+    ModernGPT,
+    capped_cross_entropy,
+    newton_schulz_flops,
+    recipe_preset,
+)
 from ch04_pretraining.runs import load_run, read_metrics
 from shared.config import ConfigError
 
@@ -86,6 +94,45 @@ def test_the_soft_cap_bounds_the_logits_and_the_loss_is_taken_from_them(tied):
     assert raw.abs().max() > 20 and logits.abs().max() <= 2
     assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0), atol=1e-6)
     assert torch.allclose(model(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7, 1000])
+def test_the_chunked_capped_loss_equals_cross_entropy_on_the_capped_logits(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    weight = (3 * torch.randn(50, 8, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 50, (30,))
+    targets[[2, 11, 29]] = -100                                     # ignored rows count for nothing
+    loss = capped_cross_entropy(hidden, weight, targets, cap=4.0, chunk_size=chunk_size)
+    expected = F.cross_entropy(4.0 * torch.tanh(hidden @ weight.T / 4.0), targets)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    want = torch.autograd.grad(expected, (hidden, weight))
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+
+
+def test_newton_schulz_flops_are_what_torchs_flop_counter_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ch04_pretraining.pretraining import orthogonalize
+    model = ModernGPT(ModernConfig(**SMALL, **ALL))
+    with FlopCounterMode(display=False) as counter:
+        for weight in hidden_matrices(model):
+            orthogonalize(weight.detach())
+    assert newton_schulz_flops(model) == counter.get_total_flops()
+
+
+def test_the_recipe_preset_is_the_command_line_the_chapter_gives():
+    command = ("--scale gpu --arch modern --qk-norm --mlp relu2 --logit-softcap 15 --zero-init-proj "
+               "--no-tie-embeddings --optimizer muon --schedule wsd")
+    cfg = recipe_preset("gpu", gpu_memory_bytes=16e9)
+    assert parse_args(command.split())[0] == cfg
+    assert {k: cfg.model[k] for k in RECIPE} == RECIPE and (cfg.optimizer, cfg.schedule) == ("muon", "wsd")
+    assert cfg.data == "fineweb-edu" and cfg.batch_size * cfg.grad_accum == 64
+    # every scale has a modern preset (before, --arch modern on the command line failed as an "unknown scale")
+    for scale in ("smoke", "cpu"):
+        assert parse_args(["--scale", scale, "--arch", "modern"])[0].arch == "modern"
+        assert recipe_preset(scale).model["qk_norm"]
 
 
 def test_zero_projections_start_at_zero_and_move_at_the_first_step():
