@@ -15,7 +15,9 @@ in turn, so a chat can be scripted: `printf 'Hi!\\nWhat is 2 + 2?\\n' | python -
 """
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ch06_llama.chat import Chat, load_chat_model
@@ -28,6 +30,25 @@ from shared.device import get_device
 PROG = "python -m ch06_llama"
 
 
+def checked(kind: type, allowed: str, ok: Callable) -> Callable[[str], object]:
+    """An argparse type: the flag's text read as `kind` and kept if `ok(value)`, else an error naming what is
+    allowed, so that a bad sampling setting stops the chat before the model loads, not at the first message."""
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+    return read
+
+
+temperature = checked(float, "a number >= 0 (0: always the most likely token)", lambda t: 0 <= t < math.inf)
+probability = checked(float, "in (0, 1] (1: every token)", lambda p: 0 < p <= 1)
+positive = checked(int, "a whole number >= 1", lambda n: n >= 1)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = BriefParser(prog=PROG, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,11 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chat.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id "
                                       "(default: SmolLM2-135M-Instruct)")
     chat.add_argument("--system", help="a system message that opens the conversation")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0: always the most likely token (default 0.7)")
-    chat.add_argument("--top-k", type=int, help="sample among the k most likely tokens only (default: all)")
-    chat.add_argument("--top-p", type=float, default=0.9, help="sample among the most likely tokens whose "
+    chat.add_argument("--temperature", type=temperature, default=0.7,
+                      help="0: always the most likely token (default 0.7)")
+    chat.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (default: all)")
+    chat.add_argument("--top-p", type=probability, default=0.9, help="sample among the most likely tokens whose "
                                                                 "probabilities reach p (default 0.9; 1: all)")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
+    chat.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer, in tokens (default 256)")
     chat.add_argument("--seed", type=int, help="seed the sampling, for answers that repeat from run to run")
     chat.add_argument("--no-pack", action="store_true", help="keep the weights in PyTorch's layout (slower on CPU)")
     chat.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or mps")

@@ -140,3 +140,20 @@ def test_the_command_line_refuses_a_missing_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ch06_llama", "chat", "--model", str(tmp_path / "none.gguf")],
                             input="", capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "neither a .gguf file" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature: must be a number >= 0"),
+    (["--temperature", "nan"], "--temperature: must be a number >= 0"),
+    (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--top-k", "0"], "--top-k: must be a whole number >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be a whole number >= 1"),
+    (["--max-new-tokens", "many"], "--max-new-tokens: must be a whole number >= 1, got 'many'"),
+])
+def test_bad_sampling_flags_stop_the_chat_before_the_model_loads(flags, message, capsys):
+    from ch06_llama.__main__ import parse_args
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["chat", *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert parse_args(["chat", "--top-p", "1", "--temperature", "0"]).top_p == 1.0   # the bounds themselves are allowed
