@@ -16,6 +16,7 @@ in turn, so a chat can be scripted: `printf 'Hi!\\nWhat is 2 + 2?\\n' | python -
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,9 +70,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# A Hugging Face repository id: owner/name, nothing before or after (a path such as ./models/x, /data/x or x/ is not)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def open_model(name: str | None):
-    """The ChatModel `--model` names: a path, else (with a slash, not a path) a Hugging Face repository id."""
-    if name is not None and not Path(name).exists() and "/" in name and not name.endswith(".gguf"):
+    """The ChatModel `--model` names: a path that exists; else, if it reads as owner/name, a Hugging Face
+    repository id; else a path that is missing, which `load_chat_model` reports as such."""
+    if name is not None and not Path(name).exists() and REPO_ID.fullmatch(name) and not name.endswith(".gguf"):
         return load_chat_model(download_llama_hf(name))
     return load_chat_model(name)
 

@@ -206,6 +206,17 @@ def verify(entry: DataFile, path: Path) -> str | None:
     return None
 
 
+def set_aside(path: Path) -> Path:
+    """Rename `path` to the first free `<name>.rejected`, `<name>.rejected.1`, ... beside it, and return the new
+    path: a file in the cache that does not check out may be a reader's own edit, so it is kept, not deleted."""
+    aside, n = path.with_name(path.name + ".rejected"), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.rejected.{n}")
+    os.replace(path, aside)
+    return aside
+
+
 def fetch(name: str, *, progress: bool = True) -> Path:
     """A verified local copy of the registered file `name` (see the module docstring)."""
     if name not in REGISTRY:
@@ -225,8 +236,10 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         problem = verify(entry, cached)
         if problem is None:
             return cached
-        warnings.warn(f"removing a bad cached copy ({problem}); fetching {name} again", stacklevel=2)
-        cached.unlink()
+        aside = set_aside(cached)
+        warnings.warn(f"a cached copy of {name} does not check out ({problem}): moved to {aside}, not deleted, "
+                      f"and fetching {name} again. To use a file of your own, pass its path where the data set's "
+                      f"name goes.", stacklevel=2)
 
     for folder in mirror_dirs():
         candidate = folder / entry.filename

@@ -157,3 +157,23 @@ def test_bad_sampling_flags_stop_the_chat_before_the_model_loads(flags, message,
         parse_args(["chat", *flags])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert parse_args(["chat", "--top-p", "1", "--temperature", "0"]).top_p == 1.0   # the bounds themselves are allowed
+
+
+@pytest.mark.parametrize("name", ["./models/llama-3", "models/llama-3/", "/no/such/folder", "a/b/c"])
+def test_a_missing_local_path_is_reported_as_missing_not_as_a_gated_repository(name, monkeypatch):
+    from ch06_llama import __main__ as cli
+    monkeypatch.setattr(cli, "download_llama_hf", lambda repo: pytest.fail(f"{repo!r} was taken for a repository"))
+    with pytest.raises((FileNotFoundError, ValueError), match="neither a .gguf file"):
+        cli.open_model(name)
+
+
+def test_owner_slash_name_that_is_not_a_path_is_a_repository_id(monkeypatch):
+    from ch06_llama import __main__ as cli
+    class Asked(Exception):
+        pass
+
+    def download(repo):
+        raise Asked(repo)
+    monkeypatch.setattr(cli, "download_llama_hf", download)
+    with pytest.raises(Asked, match="meta-llama/Llama-3.2-1B-Instruct"):
+        cli.open_model("meta-llama/Llama-3.2-1B-Instruct")

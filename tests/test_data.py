@@ -95,13 +95,20 @@ def test_bad_mirror_copy_is_skipped(env, monkeypatch):
     assert path.read_bytes() == CONTENT and path.parent == env / "cache"
 
 
-def test_bad_cached_copy_is_replaced(env, monkeypatch):
+def test_a_bad_cached_copy_is_set_aside_not_deleted_and_fetched_again(env, monkeypatch):
     add_entry(monkeypatch, [serve(env, CONTENT)])
     (env / "cache").mkdir()
     (env / "cache" / "test.txt").write_bytes(b"half a fi")
-    with pytest.warns(UserWarning, match="bad cached copy"):
+    with pytest.warns(UserWarning, match="does not check out .*moved to .*test.txt.rejected, not deleted"):
         path = data.fetch("test-file", progress=False)
     assert path.read_bytes() == CONTENT
+    # the copy that failed was perhaps the reader's own edit: it is kept, and a second one does not overwrite it
+    assert (env / "cache" / "test.txt.rejected").read_bytes() == b"half a fi"
+    path.write_bytes(b"an edited copy")
+    with pytest.warns(UserWarning, match="moved to .*test.txt.rejected.1"):
+        assert data.fetch("test-file", progress=False).read_bytes() == CONTENT
+    assert (env / "cache" / "test.txt.rejected").read_bytes() == b"half a fi"
+    assert (env / "cache" / "test.txt.rejected.1").read_bytes() == b"an edited copy"
 
 
 def test_zip_member_is_extracted(env, monkeypatch):
