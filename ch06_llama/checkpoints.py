@@ -203,12 +203,38 @@ def gguf_rope_divisors(reader, head_dim: int) -> tuple[float, ...] | None:
     return tuple(divisors.tolist())
 
 
+def check_gguf_layout(reader) -> None:
+    """A ValueError, before anything is built, when a GGUF file's `llama.*` sizes cannot describe its tensor
+    table: a size that is not a whole number >= 1, a tensor this chapter's Llama has no place for (such as the
+    q/k norms of other architectures), or a block count other than the blocks the tensors hold (a model is
+    built from the count, so a damaged count must not get that far)."""
+    for key in ("block_count", "embedding_length", "attention.head_count", "feed_forward_length", "context_length"):
+        value = gguf_metadata(reader, f"llama.{key}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"its llama.{key} is {value!r}, which must be a whole number >= 1")
+    blocks = set()
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        in_block = parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit()
+        role = parts[2] if in_block else parts[0]
+        if tensor.name != "rope_freqs.weight" and (role not in GGUF_NAMES or len(parts) != (4 if in_block else 2)):
+            raise ValueError(f"its tensor {tensor.name!r} has no place in this chapter's Llama, whose tensors are "
+                             f"{', '.join(GGUF_NAMES)} (and rope_freqs): it is not a Llama 3 style model")
+        if in_block:
+            blocks.add(int(parts[1]))
+    count = gguf_metadata(reader, "llama.block_count")
+    if blocks != set(range(count)):
+        raise ValueError(f"its llama.block_count says {count:,} blocks, but its tensors are those of blocks "
+                         f"{sorted(blocks)[:3]}...{sorted(blocks)[-1:]} ({len(blocks):,} in all): the file is damaged")
+
+
 def config_from_gguf(reader) -> LlamaConfig:
     """The LlamaConfig a GGUF file's `llama.*` metadata describes (tied when it has no `output.weight`), with its
-    RoPE scaling (`gguf_rope_divisors`)."""
+    RoPE scaling (`gguf_rope_divisors`), once `check_gguf_layout` has found the metadata and tensors agree."""
     architecture = gguf_metadata(reader, "general.architecture")
     if architecture != "llama":
         raise ValueError(f"the GGUF file holds a {architecture!r} model, not a llama")
+    check_gguf_layout(reader)
     names = {t.name for t in reader.tensors}
 
     def meta(key, default=None):

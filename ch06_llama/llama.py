@@ -171,7 +171,10 @@ class LlamaModel(nn.Module):
         import gguf
 
         reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
-        cfg = config_from_gguf(reader)
+        try:
+            cfg = config_from_gguf(reader)
+        except ValueError as err:
+            raise ValueError(f"{getattr(reader.data, 'filename', None) or 'the GGUF file'}: {err}") from None
         with torch.device("meta"):                       # no memory, no random initialisation:
             model = cls(cfg)
         model.load_state_dict(state_dict_from_gguf(reader, cfg, model.state_dict()), assign=True)  # file's tensors

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -430,9 +431,11 @@ def llama_cpp_rope_divisors(head_dim: int, theta: float, rope: dict) -> list[flo
     return divisors
 
 
-def write_llama3_gguf(model: transformers.LlamaForCausalLM, path) -> None:
+def write_llama3_gguf(model: transformers.LlamaForCausalLM, path, block_count: int | None = None,
+                      head_count: int | None = None, extra: dict | None = None) -> None:
     """`model` as a float32 GGUF file the way llama.cpp's converter writes a Llama 3.1/3.2: llama.* metadata, q
-    and k rows in Meta's interleaved layout, and the RoPE scaling only as the `rope_freqs` tensor."""
+    and k rows in Meta's interleaved layout, and the RoPE scaling only as the `rope_freqs` tensor. `block_count`,
+    `head_count` and `extra` tensors (name -> array) make a damaged or foreign file."""
     import gguf
 
     c, rope = model.config, model.config.rope_parameters
@@ -440,9 +443,9 @@ def write_llama3_gguf(model: transformers.LlamaForCausalLM, path) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
+    writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
     writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count(c.num_attention_heads if head_count is None else head_count)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_rope_dimension_count(head_dim)
@@ -463,6 +466,8 @@ def write_llama3_gguf(model: transformers.LlamaForCausalLM, path) -> None:
             name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                     "lm_head.weight": "output.weight"}[name]
         writer.add_tensor(name, tensor.numpy())
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     divisors = llama_cpp_rope_divisors(head_dim, rope["rope_theta"], rope)
     writer.add_tensor("rope_freqs.weight", np.array(divisors, dtype=np.float32))
     writer.write_header_to_file()
@@ -492,6 +497,32 @@ def test_a_llama_3_gguf_with_rope_freqs_equals_the_model_it_was_written_from(tmp
         unscaled = LlamaModel(dataclasses.replace(ours.cfg, rope_divisors=None)).eval()
         unscaled.load_state_dict(ours.state_dict())
         assert (unscaled(idx) - expected)[:, 64:].abs().max() > 0.1       # the file's divisors are what matter
+
+
+def tiny_llama3() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=10000.0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (dict(block_count=200_000), "llama.block_count says 200,000 blocks, but its tensors are those of blocks"),
+    (dict(block_count=1), "llama.block_count says 1 blocks"),
+    (dict(head_count=0), "llama.attention.head_count is 0, which must be a whole number >= 1"),
+    (dict(extra={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)}),
+     "tensor 'blk.0.attn_q_norm.weight' has no place in this chapter's Llama"),
+    (dict(extra={"token_embd_norm.weight": np.ones(64, dtype=np.float32)}),
+     "tensor 'token_embd_norm.weight' has no place"),
+])
+def test_a_gguf_whose_metadata_and_tensors_disagree_is_refused_before_anything_is_built(tmp_path, damage, message):
+    pytest.importorskip("gguf")
+    path = tmp_path / "damaged.gguf"
+    write_llama3_gguf(tiny_llama3(), path, **damage)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: its ") + ".*" + re.escape(message)):
+        LlamaModel.from_gguf(path)
 
 
 @pytest.fixture(scope="module")
