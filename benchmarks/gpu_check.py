@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from ch06_llama.decoding import Int4Linear, quantize_for_decoding, quantize_int4
 from ch06_llama.layers import LlamaConfig
 from ch06_llama.llama import LlamaModel
 from shared.device import Precision
+from shared.network import free_port
 
 CHATML = Path(__file__).resolve().parent.parent / "shared" / "fixtures" / "chat_templates" / "smollm2-chatml.jinja"
 WORDS = "the a cat dog sat ran on under mat tree and then it was big small red blue".split()
@@ -117,14 +117,14 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def training_check(device, size: Size, out: Path, arch: str = "gpt", compile_model: bool = False,
-                   force_fp16: bool = False) -> str:
+                   force_fp16: bool = False, parallel: str = "ddp") -> str:
     """`train` a few dozen steps on the device; the loss must fall. Returns tokens/s, MFU and peak memory."""
     data = char_data(200_000 if device.type == "cuda" else 20_000)
     model = size.gpt if arch == "gpt" else size.llama
     cfg = TrainConfig(data="synthetic", tokenizer="char", arch=arch, model=model, batch_size=size.batch_size,
                       max_steps=size.steps, warmup_steps=2, lr=1e-3, min_lr=1e-4, eval_interval=size.steps,
                       eval_iters=2, log_interval=1, sample_tokens=0, device=str(device), compile=compile_model,
-                      out_dir=str(out))
+                      parallel=parallel, out_dir=str(out))
     choose = pretraining.choose_precision
     precision = Precision(torch.float16, True) if force_fp16 and device.type == "cuda" else choose(device)
     pretraining.choose_precision = lambda dev: precision       # fp16 with a GradScaler is what a T4 runs
@@ -251,14 +251,9 @@ def compiled_loss_check(device, size: Size) -> str:
             f"{whole_mb}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ddp_check(device, size: Size, out: Path) -> str:
-    """Chapter 4's DDP path with one process: `train` joins a process group of one and trains."""
+def ddp_check(device, size: Size, out: Path, parallel: str = "ddp") -> str:
+    """Chapter 4's data-parallel path with one process: `train` joins a process group of one and trains, its
+    model copied (`parallel="ddp"`) or sharded (`"fsdp"`, which writes a sharded checkpoint)."""
     import torch.distributed as dist
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -274,7 +269,7 @@ def ddp_check(device, size: Size, out: Path) -> str:
     os.environ.update(env)
     pretraining.join_processes = recording_join
     try:
-        detail = training_check(device, size, out)
+        detail = training_check(device, size, out, parallel=parallel)
     finally:
         pretraining.join_processes = join
         if dist.is_initialized():
@@ -286,6 +281,8 @@ def ddp_check(device, size: Size, out: Path) -> str:
                 os.environ[key] = value
     if not joined:
         raise AssertionError("train did not join a process group")
+    if parallel == "fsdp" and not list(out.glob("ckpt-*.dcp")):
+        raise AssertionError("the sharded run wrote no sharded checkpoint")
     return f"{joined[0]}, {detail}"
 
 
@@ -367,6 +364,7 @@ def run_checks(device: torch.device, size: Size, only: list[str] | None = None,
         "chunked loss": lambda: loss_check(device, size),
         "chunked loss, compiled, mixed precision": lambda: compiled_loss_check(device, size),
         "DDP, one process": lambda: ddp_check(device, size, work / "ddp"),
+        "FSDP, one process": lambda: ddp_check(device, size, work / "fsdp", parallel="fsdp"),
         "checkpoint and resume": lambda: resume_check(device, size, work / "resume"),
         "KV-cache decoding": lambda: decoding_check(device, size),
         "chat": lambda: chat_check(device, size),

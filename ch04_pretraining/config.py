@@ -89,6 +89,8 @@ class TrainConfig:
     # the machine
     device: str = knob("auto", "auto, cpu, cuda or mps")
     compile: bool = knob(False, "torch.compile the model: faster steps on a GPU, after about a minute")
+    parallel: str = knob("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp (each holds a "
+                                "shard of every weight and of the optimizer's state; AdamW only)")
     time_budget_min: float = knob(0.0, "fit the schedule into this many minutes and stop by then; 0: no limit")
 
     # fields, besides arch, data, tokenizer, vocab_multiple and the model's, that a resumed run must share with
@@ -117,6 +119,12 @@ class TrainConfig:
             raise ConfigError("min_lr", f"({self.min_lr}) must not exceed lr ({self.lr})")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError("optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError("parallel", f"must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise ConfigError("parallel", "fsdp splits every matrix across the processes, and Muon needs whole "
+                                          "matrices to orthogonalise: use fsdp with --optimizer adamw, or Muon "
+                                          "with ddp")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError("schedule", f"must be cosine or wsd, got {self.schedule!r}")
         if not number(self.decay_fraction) or not 0 < self.decay_fraction <= 1:

@@ -8,9 +8,11 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def distributed_context() -> tuple[int, int, int]:
@@ -46,6 +48,36 @@ def reduce_value(value: float, op, ddp: bool, device) -> float:
 def any_process(flag: bool, ddp: bool, device) -> bool:
     """True if `flag` is true on any process, so that all processes act together."""
     return bool(reduce_value(float(flag), dist.ReduceOp.MAX, ddp, device))
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard `model` in place with FSDP2 across the process group: each block (each module of an nn.ModuleList)
+    becomes a unit whose weights are gathered just before it runs and freed after, then the root takes what is
+    left (embeddings, final norm, head). Every parameter becomes a DTensor holding 1/world of its rows here;
+    build the optimizer after this, so that its state is sharded too."""
+    # imported here: at the top it would cost every run half a second, sharded or not
+    from torch.distributed.fsdp import fully_shard
+
+    for blocks in [module for module in model.modules() if isinstance(module, nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+@contextmanager
+def skip_gradient_sync(model: nn.Module):
+    """Within: backward keeps this process's gradients to itself (DDP's `no_sync`; FSDP's gradient sync off),
+    for all micro-batches of a step but the last, whose backward then combines the sum across processes."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 class StopRequests:
@@ -89,4 +121,4 @@ def on_main_process(action: Callable[[], None], main: bool, ddp: bool, device) -
     if any_process(error is not None, ddp, device):
         if error is not None:
             raise error
-        raise RuntimeError("the main process (rank 0) could not start the run: its error says why")
+        raise RuntimeError("the main process (rank 0) stopped with an error: its error says why")

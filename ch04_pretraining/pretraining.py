@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ch01_tokenization.tokenization import Tokenizer
 from ch03_gpt_model.gpt import generate
+from shared.config import ConfigError
 from shared.device import Precision, autocast, choose_precision, enable_tf32, get_device
 # from this chapter's other modules (the exporter writes these imports):
 from ch04_pretraining.config import TrainConfig
@@ -40,6 +41,8 @@ from ch04_pretraining.distributed import (
     launched_by_torchrun,
     on_main_process,
     reduce_value,
+    shard_model,
+    skip_gradient_sync,
 )
 from ch04_pretraining.runs import (
     METRICS_FILE,
@@ -53,6 +56,8 @@ from ch04_pretraining.runs import (
     restore,
     run_lock,
     save_checkpoint,
+    save_sharded_checkpoint,
+    sharded_checkpoint_path,
 )
 
 
@@ -202,8 +207,13 @@ class Run:
 
     @property
     def ddp(self) -> bool:
-        """Whether the run is one of DDP's processes (it joined torchrun's process group)."""
+        """Whether the run is one of torchrun's processes (it joined their process group): data-parallel."""
         return dist.is_available() and dist.is_initialized()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether its model is sharded across the processes (FSDP) rather than copied into each (DDP)."""
+        return self.ddp and self.cfg.parallel == "fsdp"
 
     @property
     def device(self) -> torch.device:
@@ -248,6 +258,9 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
     TokenWindows or an object with its methods. `command` is the command line the summary suggests."""
     rank, local_rank, world = distributed_context()
     ddp = launched_by_torchrun()
+    if cfg.parallel == "fsdp" and not ddp:
+        raise ConfigError("parallel", "fsdp shards the model across torchrun's processes: launch the run with "
+                                      "torchrun --nproc_per_node=N -m ch04_pretraining ..., or train with ddp")
     device = join_processes(get_device(cfg.device), local_rank) if ddp else get_device(cfg.device)
     main = rank == 0
     log = (log or print_above_progress) if main else (lambda message: None)
@@ -263,12 +276,14 @@ def run_training(cfg: TrainConfig, setup: Callable, resume: bool = False, overwr
             cfg, model, tokenizer, data = setup(cfg)
             on_main_process(lambda: record_run(out_dir, cfg, tokenizer, resume), main, ddp, device)
             model = model.to(device)
+            if cfg.parallel == "fsdp":
+                shard_model(model)                  # before the optimizer, whose state is then sharded too
             optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.optimizer)
             run = Run(cfg, model, optimizer,
                       data, tokenizer, choose_precision(device), rank=rank, world=world, local_rank=local_rank,
                       command=command)
             if resume:
-                run.step, run.cfg = restore(out_dir, cfg, model, run.optimizer, run.data)
+                run.step, run.cfg = restore(out_dir, cfg, model, run.optimizer, run.data, run.sharded)
                 log(f"resumed from step {run.step}")
             if main:                                # a resumed run's rows from after its checkpoint go
                 keep_rows_before(out_dir / METRICS_FILE, run.step)        # (this step is evaluated again)
@@ -338,24 +353,27 @@ class Pace:
 
 def model_to_train(run: Run) -> nn.Module:
     """The model the steps go through: compiled if the config asks, inside DDP when the run is one of its
-    processes. `run.model` stays the plain model, which checkpoints and evaluations use."""
+    processes (and not sharded: FSDP's model syncs itself). `run.model` stays the model that checkpoints and
+    evaluations use."""
     model = torch.compile(run.model) if run.cfg.compile else run.model
-    if run.ddp:
+    if run.ddp and not run.sharded:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda"
                                                     else None)
     return model
 
 
 def evaluate_and_save(run: Run, pace: Pace, log: Callable[[str], None]) -> dict:
-    """Evaluate the current step; on the main process write it down and save a checkpoint; then start a new
-    tokens-per-second window."""
+    """Evaluate the current step (and draw a sample if the config asks for one); on the main process write them
+    down; save a checkpoint; then start a new tokens-per-second window. Every process evaluates and samples: a
+    sharded model's forward pass needs them all."""
     eval_start = pace.clock()
     if pace.window_tokens:
         pace.tokens_per_s = pace.window_tokens / (eval_start - pace.window_start)
     row = evaluate(run, pace.tokens_per_s, elapsed=eval_start - pace.start)
+    sample = draw_sample(run) if run.cfg.sample_tokens else None
     if run.main:
-        report(run, row, log)
-        save_checkpoint(run.out_dir, run.model, run.optimizer, run.step, run.cfg, run.data)
+        report(run, row, sample, log)
+    save_run_checkpoint(run)
     pace.window_start, pace.window_tokens = pace.clock(), 0
     pace.eval_seconds = pace.window_start - eval_start
     pace.eval_total += pace.eval_seconds
@@ -386,9 +404,18 @@ def time_to_stop(run: Run, stop: "StopRequests", pace: Pace) -> bool:
     over_budget = bool(cfg.time_budget_min) and pace.clock() - pace.start > 60 * cfg.time_budget_min
     if run.step < cfg.max_steps and not any_process(stop.received is not None or over_budget, run.ddp, run.device):
         return False
-    if run.step < cfg.max_steps and run.main:
-        save_checkpoint(run.out_dir, run.model, run.optimizer, run.step, cfg, run.data)
+    if run.step < cfg.max_steps:
+        save_run_checkpoint(run)
     return True
+
+
+def save_run_checkpoint(run: Run) -> None:
+    """A checkpoint of the run as it stands: written by the main process, or by every process of a sharded run,
+    each its own shards."""
+    if run.sharded:
+        save_sharded_checkpoint(run.out_dir, run.model, run.optimizer, run.step, run.cfg, run.data, run.main)
+    elif run.main:
+        save_checkpoint(run.out_dir, run.model, run.optimizer, run.step, run.cfg, run.data)
 
 
 def optimizer_step(run: Run, model: nn.Module, scaler) -> tuple[torch.Tensor, torch.Tensor, float, int]:
@@ -419,8 +446,10 @@ def log_step(run: Run, pace: Pace, step_start: float, loss: torch.Tensor, grad_n
 def finish(run: Run, stop: "StopRequests", pace: Pace, last: dict, best: dict, log: Callable[[str], None]) -> dict:
     """What `train` returns: the last evaluation, the step reached, a summary (also logged), the model."""
     stopped = stop.received or ("time budget" if run.step < run.cfg.max_steps else None)
+    checkpoint = sharded_checkpoint_path(run.out_dir, run.step) if run.sharded else \
+        checkpoint_paths(run.out_dir, run.step)[0]
     summary = {"best_val_loss": best["val_loss"], "best_step": best["step"], "wall_s": pace.clock() - pace.start,
-               "checkpoint": str(checkpoint_paths(run.out_dir, run.step)[0]), "stopped_by": stopped}
+               "checkpoint": str(checkpoint), "stopped_by": stopped}
     log(run_summary(run, last, summary))
     return {**last, "evaluated_step": last.get("step"), "step": run.step, "max_steps": run.cfg.max_steps,
             **summary, "model": run.model, "tokenizer": run.tokenizer, "interrupted": stop.received is not None}
@@ -450,19 +479,25 @@ def _last_good(run: Run) -> str:
     return f"The last good checkpoint is step {max(steps)} in {run.out_dir}" if steps else "No checkpoint was saved"
 
 
-def report(run: Run, row: dict, log: Callable[[str], None]) -> None:
-    """Append an evaluation to metrics.jsonl, log it, and print a sample if the config asks for one."""
+def report(run: Run, row: dict, sample: str | None, log: Callable[[str], None]) -> None:
+    """Append an evaluation to metrics.jsonl, log it, and its sample if one was drawn."""
     append_row(run.out_dir / METRICS_FILE, row)
     more = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in row.items()
                    if name not in ("step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"))
     log(f"step {row['step']:5d}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}{more}, "
         f"{row['tokens_per_s']:,.0f} tokens/s")
-    if run.cfg.sample_tokens:
-        prompt = torch.tensor([run.data.prompt()], device=run.device)
-        sample = generate(run.model, prompt, run.cfg.sample_tokens, temperature=0.8, top_k=40,
-                          generator=torch.Generator(device=run.device).manual_seed(run.cfg.seed),
-                          vocab_size=run.tokenizer.n_vocab)
-        log("  sample: " + repr(run.tokenizer.decode(sample[0].tolist())))
+    if sample is not None:
+        log("  sample: " + repr(sample))
+
+
+def draw_sample(run: Run) -> str:
+    """`sample_tokens` tokens after the data's prompt, at temperature 0.8 among the 40 likeliest, seeded:
+    the same text on every process."""
+    prompt = torch.tensor([run.data.prompt()], device=run.device)
+    sample = generate(run.model, prompt, run.cfg.sample_tokens, temperature=0.8, top_k=40,
+                      generator=torch.Generator(device=run.device).manual_seed(run.cfg.seed),
+                      vocab_size=run.tokenizer.n_vocab)
+    return run.tokenizer.decode(sample[0].tolist())
 
 
 def run_summary(run: Run, last: dict, summary: dict) -> str:
@@ -505,8 +540,9 @@ class TokenWindows:
     `train` trains any object with these methods: chapter 5 finetunes on labelled examples this way."""
 
     def __init__(self, train_tokens, val_tokens, cfg: TrainConfig, val_bytes_per_token: float | None = None):
-        self.splits, self.cfg, self.val_bytes_per_token = {"train": train_tokens, "val": val_tokens}, cfg, \
-            val_bytes_per_token
+        self.splits = {"train": train_tokens, "val": val_tokens}
+        self.cfg = cfg
+        self.val_bytes_per_token = val_bytes_per_token
         self.sampler = BatchSampler(train_tokens, cfg.context_length, cfg.seed)
 
     def next_micro_batches(self, rank: int, world: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -534,12 +570,13 @@ class TokenWindows:
 
 
 def accumulate_gradients(model: nn.Module, batches: list, precision: Precision, scaler, ddp: bool) -> torch.Tensor:
-    """Backward through every micro-batch, each loss divided by their number (DDP syncs gradients on the
-    last one only). Returns the step's mean loss, possibly non-finite, for the caller to check."""
+    """Backward through every micro-batch, each loss divided by their number (under torchrun, gradients are
+    synced across processes on the last one only). Returns the step's mean loss, possibly non-finite, for the
+    caller to check."""
     device = batches[0][0].device
     step_loss = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
-        sync = nullcontext() if (not ddp or micro == len(batches) - 1) else model.no_sync()
+        sync = nullcontext() if (not ddp or micro == len(batches) - 1) else skip_gradient_sync(model)
         with sync:
             with autocast(device, precision):
                 loss = model(x, y) / len(batches)
@@ -550,7 +587,7 @@ def accumulate_gradients(model: nn.Module, batches: list, precision: Precision, 
 
 def apply_update(model: nn.Module, optimizer, scaler, lr: float, grad_clip: float) -> torch.Tensor:
     """Set the learning rate, clip the (unscaled) gradient norm, step, clear the gradients. Returns the
-    gradient norm before clipping."""
+    gradient norm before clipping (of the whole model, when each process holds a shard of it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.unscale_(optimizer)
@@ -558,7 +595,7 @@ def apply_update(model: nn.Module, optimizer, scaler, lr: float, grad_clip: floa
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm    # a DTensor under FSDP
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------

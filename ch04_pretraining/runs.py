@@ -8,6 +8,7 @@
 import json
 import os
 import pickle
+import shutil
 import socket
 import warnings
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from shared.config import ConfigError
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
 from ch04_pretraining.config import TrainConfig, model_settings
+from ch04_pretraining.distributed import on_main_process
 
 CHECKPOINT_POINTER = "latest.json"
 METRICS_FILE = "metrics.jsonl"       # one row per evaluation
@@ -38,7 +40,7 @@ def run_files(out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     named = [out_dir / name for name in (CHECKPOINT_POINTER, METRICS_FILE, STEPS_FILE, TOKENIZER_FILE, CONFIG_FILE)]
     return [p for p in named if p.exists()] + sorted(out_dir.glob("ckpt-*.safetensors")) + \
-        sorted(out_dir.glob("ckpt-*.pt"))
+        sorted(out_dir.glob("ckpt-*.pt")) + sorted(out_dir.glob("ckpt-*.dcp*"))
 
 
 def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool = False) -> Path:
@@ -51,13 +53,13 @@ def prepare_run_dir(out_dir: str | Path, resume: bool, overwrite: bool = False) 
             raise ConfigError("out_dir", f"there is no checkpoint in {out_dir} to resume from; "
                                          f"start the run without resuming")
     elif existing and not overwrite:
-        steps = [int(p.stem.removeprefix("ckpt-")) for p in existing if p.suffix == ".safetensors"]
+        steps = checkpoint_steps(out_dir)
         held = f"a run with checkpoints up to step {max(steps)}" if steps else "another run's files"
         raise ConfigError("out_dir", f"{out_dir} already holds {held}. Resume it, overwrite it (deleting "
                                      f"those files), or choose another out_dir")
     elif existing:
         for path in existing:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -139,7 +141,16 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
                if name not in tied}
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp))
-    state = {"step": step, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
+    record_checkpoint(out_dir, step, cfg, data, optimizer.state_dict(), weights_path, keep)
+    return weights_path
+
+
+def record_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, data, optimizer_state: dict | None,
+                      weights_path: Path, keep: int) -> None:
+    """What completes a checkpoint once its weights are written: the training state, then `latest.json` naming
+    both, then the removal of all but the newest `keep - 1` earlier checkpoints."""
+    state_path = checkpoint_paths(out_dir, step)[1]
+    state = {"step": step, "config": asdict(cfg), "optimizer": optimizer_state,
              "sampler": data.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_write(state_path, lambda tmp: torch.save(state, tmp))
@@ -149,30 +160,33 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     for old in earlier[:max(0, len(earlier) - (keep - 1))]:
         for path in checkpoint_paths(out_dir, old):
             path.unlink(missing_ok=True)
-    return weights_path
+        shutil.rmtree(sharded_checkpoint_path(out_dir, old), ignore_errors=True)
 
 
 def checkpoint_steps(out_dir: str | Path) -> list[int]:
-    """The steps of the checkpoints in `out_dir` (of their weights files), in no particular order."""
-    steps = []
-    for path in Path(out_dir).glob("ckpt-*.safetensors"):
+    """The steps of the checkpoints in `out_dir` (of their weights: files, or folders of shards), in no
+    particular order."""
+    steps = set()
+    for path in [*Path(out_dir).glob("ckpt-*.safetensors"), *Path(out_dir).glob("ckpt-*.dcp")]:
         try:
-            steps.append(int(path.stem.removeprefix("ckpt-")))
+            steps.add(int(path.stem.removeprefix("ckpt-")))
         except ValueError:
             pass
-    return steps
+    return list(steps)
 
 
 # Training settings a checkpoint must have been made with; the model's settings must match too, except the
 # ones its config marks resumable (dropout, the initial std).
-_SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple", "optimizer")
+_SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple", "optimizer", "parallel")
 
 
-def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tuple[dict, dict]:
+def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None,
+                    sharded: bool = False) -> tuple[dict | None, dict]:
     """(weights, state) of the newest readable checkpoint in `out_dir`, without unpickling objects and onto
     the CPU whatever device wrote it. The one `latest.json` names is tried first; a truncated or corrupt
     checkpoint is skipped, with a warning naming it, for the one before. With `cfg`, a checkpoint of a
-    different model shape or data is refused."""
+    different model shape or data is refused. A sharded checkpoint's weights are read whole, unless
+    `sharded`: then they are None, for a sharded run's processes to read their shards (`load_sharded`)."""
     out_dir = Path(out_dir)
     candidates = sorted(checkpoint_steps(out_dir), reverse=True)
     try:
@@ -185,11 +199,19 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None) -> tupl
     problems = []
     for step in candidates:
         weights_path, state_path = checkpoint_paths(out_dir, step)
+        shards = sharded_checkpoint_path(out_dir, step)
         try:
-            weights = load_file(weights_path)
             state = torch.load(state_path, weights_only=True, map_location="cpu")
             if state.get("step") != step:
                 raise ValueError(f"it says it is step {state.get('step')}")
+            if not shards.is_dir():
+                weights = load_file(weights_path)
+            elif not sharded:
+                weights, weights_path = read_sharded_weights(shards), shards
+            elif (shards / ".metadata").is_file():
+                weights, weights_path = None, shards
+            else:
+                raise ValueError(f"{shards.name} has no index (.metadata): its writing never finished")
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
             problems.append(f"{weights_path.name} / {state_path.name}: {err}")
             warnings.warn(f"checkpoint of step {step} in {out_dir} is unreadable ({err}); trying an earlier one",
@@ -214,6 +236,83 @@ def _check_same_run(saved_config: dict, cfg: TrainConfig) -> None:
     if different:
         raise ConfigError(different[0][0], "the checkpoint was trained with another config: " + "; ".join(
             f"{name}: checkpoint {then!r}, now {now!r}" for name, then, now in different))
+
+
+def sharded_checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    """The folder of a sharded (FSDP) checkpoint at `step`: a file of shards from each process, and an index."""
+    return Path(out_dir) / f"ckpt-{step:07d}.dcp"
+
+
+def save_sharded_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int, cfg: TrainConfig,
+                            data, main: bool, keep: int = 2) -> Path:
+    """Every process of a sharded run calls this: each writes its shards of the weights and of the optimizer's
+    state (torch.distributed.checkpoint) into a folder that the main process renames into place once all are
+    written, then completes as `save_checkpoint` does (training state, `latest.json`, older ones removed)."""
+    # imported here, not at the top: they cost half a second at every start, sharded or not
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    out_dir = Path(out_dir)
+    path = sharded_checkpoint_path(out_dir, step)
+    partial = path.with_name(path.name + ".partial")
+    device = next(model.parameters()).device
+    on_main_process(lambda: shutil.rmtree(partial, ignore_errors=True), main, True, device)
+    if optimizer.state:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    else:           # before the first step the optimizer has no state (get_state_dict would make one by stepping it)
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=partial)
+
+    def complete():
+        shutil.rmtree(path, ignore_errors=True)            # a later run's, from before this one was resumed
+        os.replace(partial, path)
+        record_checkpoint(out_dir, step, cfg, data, None, path, keep)
+
+    on_main_process(complete, main, True, device)
+    return path
+
+
+def load_sharded(model: nn.Module, optimizer, path: Path) -> None:
+    """Every process of a sharded run calls this: each reads its own shards of a sharded checkpoint's weights and
+    optimizer state (if it has one: not before the first step) into the sharded model and its optimizer."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    if any(name.startswith("optimizer.") for name in index):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    else:
+        model_state = get_model_state_dict(model)
+        dcp.load({"model": model_state}, checkpoint_id=path)
+        set_model_state_dict(model, model_state)
+
+
+def read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded checkpoint, in this one process (no process group, no model needed):
+    its index gives each tensor's full shape, and the shards of every process fill it in. A ValueError if the
+    shards cannot be read."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {name.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for name, entry in index.items()
+               if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():              # the warning that there is no process group: none is meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    except CheckpointException as err:               # (a BaseException: it would pass an `except Exception`)
+        raise ValueError(f"its shards cannot be read: {err}") from None
+    return weights
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -316,12 +415,20 @@ def record_run(out_dir: Path, cfg: TrainConfig, tokenizer: Tokenizer, resume: bo
                               f"({change}); resume with the data it started with")
 
 
-def restore(out_dir: Path, cfg: TrainConfig, model, optimizer, data) -> tuple[int, TrainConfig]:
+def restore(out_dir: Path, cfg: TrainConfig, model, optimizer, data, sharded: bool = False) -> tuple[int, TrainConfig]:
     """Load the newest readable checkpoint into model, optimizer, data (its sampler) and the RNGs: (its step, the config
-    to continue with, which keeps a schedule that was fitted to a time budget)."""
-    weights, state = load_checkpoint(out_dir, cfg)
-    load_weights(model, weights)
-    optimizer.load_state_dict(state["optimizer"])
+    to continue with, which keeps a schedule that was fitted to a time budget). A `sharded` run's processes each
+    read their own shards."""
+    weights, state = load_checkpoint(out_dir, cfg, sharded)
+    if weights is None:
+        load_sharded(model, optimizer, sharded_checkpoint_path(out_dir, state["step"]))
+    elif sharded or state["optimizer"] is None:
+        raise CheckpointError(f"the checkpoint of step {state['step']} in {out_dir} was written by a "
+                              f"{'plain' if sharded else 'sharded'} run: resume it with --parallel "
+                              f"{state['config'].get('parallel', 'ddp')}, launched as it was")
+    else:
+        load_weights(model, weights)
+        optimizer.load_state_dict(state["optimizer"])
     data.load_state_dict(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():

@@ -18,7 +18,7 @@ def test_every_check_passes_on_the_cpu(capsys):
     gpu_check = load_gpu_check()
     assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "compile"]) == 0     # compile: a minute here
     out = capsys.readouterr().out
-    assert "10 of 10 checks passed" in out and "FAIL" not in out
+    assert "11 of 11 checks passed" in out and "FAIL" not in out and "ok   FSDP, one process" in out
     assert "gloo" in out and "cached = recomputed" in out and "equal value and gradients" in out
     assert "in the same time: baseline" in out and "modern 6 steps" in out
 

@@ -49,6 +49,7 @@ from ch04_pretraining.pretraining import (
 from ch04_pretraining.runs import CheckpointError, load_checkpoint, load_run, read_metrics, read_steps, run_lock
 from shared.config import ConfigError
 from shared.data import fetch
+from shared.network import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, context_length=16)
@@ -83,12 +84,6 @@ def wait_for(path: Path, seconds: float = 120) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---- pieces -------------------------------------------------------------------------------
@@ -317,6 +312,7 @@ def test_cli_flags_override_the_preset_and_every_flag_says_what_it_does():
     ("min_lr", 1.0, r"min_lr: \(1.0\) must not exceed lr"),
     ("schedule", "linear", "schedule: must be cosine or wsd"),
     ("optimizer", "sgd", "optimizer: must be adamw or muon"),
+    ("parallel", "zero", "parallel: must be ddp or fsdp"),
     ("decay_fraction", 0.0, r"decay_fraction: must be in \(0, 1\]"),
     ("model", dict(dropout=1.0), r"dropout: must be in \[0, 1\)"),
     ("beta2", 1.0, "beta2"),
@@ -805,12 +801,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, optimiz
     assert ddp.returncode == 0, ddp.stderr[-8000:]
     a = load_file(tmp_path / "single" / "ckpt-0000006.safetensors")
     b = load_file(tmp_path / "ddp" / "ckpt-0000006.safetensors")
-    # The key bias adds q.b_k to every score of a row, which softmax ignores: its true gradient is 0, so
-    # Adam's normalised step turns round-off noise into moves of its own. Every other weight must agree.
-    for name in a:
-        if name.endswith("attn.c_attn.bias"):
-            width = a[name].numel() // 3
-            a[name], b[name] = (torch.cat([t[:width], t[2 * width:]]) for t in (a[name], b[name]))  # q and v
+    drop_key_bias(a, b)
     start = load_file(tmp_path / "single" / "ckpt-0000000.safetensors")
     # Muon orthogonalises in bfloat16, where a last-bit difference in a summed gradient can round the other way:
     # its matrices must agree to within 3% of how far they moved (in norm), everything else to round-off
@@ -822,6 +813,73 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, optimiz
             assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert len(muon) == (8 if optimizer == "muon" else 0)
     assert not torch.equal(a["transformer.wte.weight"], start["transformer.wte.weight"])
+
+
+def drop_key_bias(*weights: dict) -> None:
+    """The key bias adds q.b_k to every score of a row, which softmax ignores: its true gradient is 0, so
+    Adam's normalised step turns round-off noise into moves of its own. Compare the queries' and values'."""
+    for name in weights[0]:
+        if name.endswith("attn.c_attn.bias"):
+            width = weights[0][name].numel() // 3
+            for w in weights:
+                w[name] = torch.cat([w[name][:width], w[name][2 * width:]])
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_from_their_shards(tmp_path):
+    common = ["--scale", "smoke", "--max-steps", "6", "--eval-interval", "3", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = run_cli(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "single"))
+    assert single.wait(timeout=120) == 0, single.stderr.read()
+    sharded = ["--grad-accum", "1", "--parallel", "fsdp", "--out-dir", str(tmp_path / "fsdp")]
+    fsdp = subprocess.run(torchrun(*common, *sharded), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert fsdp.returncode == 0, fsdp.stderr[-8000:]
+    shards = tmp_path / "fsdp" / "ckpt-0000006.dcp"
+    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not list(tmp_path.glob("fsdp/*.safetensors")) and f"checkpoint: {shards}" in fsdp.stdout
+    a = load_file(tmp_path / "single" / "ckpt-0000006.safetensors")
+    b, state = load_checkpoint(tmp_path / "fsdp")                      # read whole, in this one process
+    assert state["step"] == 6 and state["optimizer"] is None and set(a) <= set(b)
+    whole = dict(b)
+    drop_key_bias(a, b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+    # resumed from its sharded checkpoint of step 3 (each process reading its shards, optimizer state included)
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt-0000006.dcp")
+    (tmp_path / "resumed" / "ckpt-0000006.pt").unlink()
+    resumed = subprocess.run(torchrun("--out-dir", str(tmp_path / "resumed"), "--resume"), cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout, resumed.stderr[-8000:]
+    c = load_checkpoint(tmp_path / "resumed")[0]
+    assert all(torch.equal(whole[name], c[name]) for name in whole)             # bit for bit where it would have been
+
+    # a sharded checkpoint whose index was never written is passed over for the one before
+    (tmp_path / "resumed" / "ckpt-0000006.dcp" / ".metadata").unlink()
+    with pytest.warns(UserWarning, match="checkpoint of step 6 .* unreadable"):
+        assert load_checkpoint(tmp_path / "resumed", sharded=True)[1]["step"] == 3
+    # and a sharded run is resumed only as one
+    plain = run_cli("--out-dir", str(tmp_path / "resumed"), "--resume")
+    assert plain.wait(timeout=120) == 1 and "fsdp shards the model across torchrun's processes" in plain.stderr.read()
+
+
+def test_fsdp_needs_torchrun_and_adamw(tmp_path):
+    with pytest.raises(ConfigError, match="parallel: fsdp splits every matrix"):
+        tiny_config(tmp_path, parallel="fsdp", optimizer="muon")
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node=N") as info:
+        train(tiny_config(tmp_path, parallel="fsdp"), **QUIET)
+    assert info.value.field == "parallel" and not (tmp_path / "config.json").exists()
+
+
+def test_overwriting_a_run_removes_its_sharded_checkpoints_and_only_its_files(tmp_path):
+    (tmp_path / "ckpt-0000004.dcp").mkdir()
+    (tmp_path / "ckpt-0000004.dcp" / "__0_0.distcp").write_bytes(b"shards")
+    (tmp_path / "ckpt-0000008.dcp.partial").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="checkpoints up to step 4"):
+        pretraining.prepare_run_dir(tmp_path, resume=False)
+    pretraining.prepare_run_dir(tmp_path, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_no_rank_crashes(tmp_path):
