@@ -355,16 +355,22 @@ def check_generate_args(model: nn.Module, idx, max_new_tokens, temperature, top_
                          f"vocabulary is 0..{vocab - 1}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    check_sampling(temperature, top_k, top_p)
     if vocab_size is not None and (not is_int(vocab_size) or not 1 <= vocab_size <= vocab):
         raise ValueError(f"vocab_size must be an int in 1..{vocab} or None, got {vocab_size!r}")
     if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < (vocab_size or vocab)):
         raise ValueError(f"eos_id must be a token id in 0..{(vocab_size or vocab) - 1} or None, got {eos_id!r}")
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """A ValueError, naming the setting, for a sampling rule `sample_next` cannot use: `temperature` must be a
+    finite number >= 0, `top_k` a positive int or None, `top_p` in (0, 1] or None."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -460,6 +466,31 @@ class DecodingCache:
         allowed = (keys <= queries) & self.real[:, None, :end] | (keys == queries)
         return allowed[:, None], False
 
+    @property
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the layers store into, each (n_layer, batch, ..., max_length, width): a subclass's."""
+        raise NotImplementedError
+
+    def take_rows(self, rows: list[tuple["DecodingCache", int]]) -> None:
+        """Fill this empty cache of len(rows) rows with rows of other caches of its kind: row i gets the tokens
+        of row `rows[i][1]` of cache `rows[i][0]` (its real slots, in order, with their positions), right-
+        aligned, so that every row's next token goes into the same slot. A server moves conversations into and
+        out of one batch this way (chapter 6)."""
+        counts = [int(cache.real[row, :cache.length].sum()) for cache, row in rows]
+        length = max(counts, default=0)
+        if self.length or len(rows) != self.real.shape[0] or length > self.max_length:
+            raise ValueError(f"an empty cache of {len(rows)} rows and at least {length} slots takes these rows; "
+                             f"this one has {self.real.shape[0]} rows of {self.max_length}, {self.length} filled")
+        for i, ((cache, row), count) in enumerate(zip(rows, counts)):
+            slots = cache.real[row, :cache.length].nonzero()[:, 0]                      # (count,)
+            for mine, theirs in zip(self.stored, cache.stored):
+                mine[:, i].narrow(-2, length - count, count).copy_(theirs[:, row].index_select(-2, slots))
+            self.real[i, length - count:length] = True
+            self.next_position[i] = cache.next_position[row]
+        self.length = self.start = length
+        self.padded = min(counts, default=0) < length
+        self.mask, self.is_causal = None, False
+
 
 class KVCache(DecodingCache):
     """The keys and values every attention layer has computed so far, in memory reserved up front:
@@ -485,6 +516,10 @@ class KVCache(DecodingCache):
     def nbytes(self) -> int:
         """Bytes the cache holds: 2 (keys, values) * n_layer * batch * n_kv_head * max_length * head_dim * size."""
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store `k`, `v` (batch, n_kv_head, seq, head_dim) of the new tokens in `layer`'s slots and attend

@@ -1,8 +1,10 @@
-"""Chapter 6's command line: chat with a Llama-architecture model, through the chapter's own code.
+"""Chapter 6's command line: chat with a Llama-architecture model, or serve it, through the chapter's own code.
 
     python -m ch06_llama chat [--model FILE.gguf | FOLDER | REPO_ID] [--temperature 0.7] [--top-k K]
                               [--top-p 0.9] [--max-new-tokens 256] [--system TEXT] [--seed N] [--no-pack]
                               [--device auto]
+    python -m ch06_llama serve [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                               [--max-batch 16] [--max-waiting 64] [--no-pack] [--device auto]
 
 The default model is SmolLM2-135M-Instruct, read from its 4-bit GGUF file (downloaded once, or found in the
 offline mirror `LLM_DATA_MIRROR` names). `--model` takes another Llama GGUF file, a Hugging Face Llama folder,
@@ -67,6 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     chat.add_argument("--seed", type=int, help="seed the sampling, for answers that repeat from run to run")
     chat.add_argument("--no-pack", action="store_true", help="keep the weights in PyTorch's layout (slower on CPU)")
     chat.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or mps")
+    serve = commands.add_parser("serve", help="serve a model over OpenAI's API, with a web chat at /",
+                                description="Serve a model over OpenAI's HTTP API (/v1/models, /v1/chat/completions, "
+                                            "/v1/completions), many requests at once, with a web chat at /.")
+    serve.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id "
+                                       "(default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
+                                                           "machine only; 0.0.0.0: every network)")
+    serve.add_argument("--port", type=positive, default=8000, help="the port to listen on (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    serve.add_argument("--max-batch", type=positive, default=16, help="requests decoded at once (default 16)")
+    serve.add_argument("--max-waiting", type=checked(int, "a whole number >= 0", lambda n: n >= 0), default=64,
+                       help="requests that may wait for a row; more are answered 503 (default 64)")
+    serve.add_argument("--no-pack", action="store_true", help="keep the weights in PyTorch's layout (slower on CPU)")
+    serve.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or mps")
     return parser.parse_args(argv)
 
 
@@ -131,9 +147,38 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_name(model: str | None) -> str:
+    """The name a served model goes by in the API: the default's, a repository id, or a file or folder's name."""
+    if model is None:
+        return "smollm2-135m-instruct"
+    return model if REPO_ID.fullmatch(model) and not Path(model).exists() else Path(model).stem
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ch06_llama.server import create_app
+
+    try:
+        device = get_device(args.device)
+        chat_model = open_model(args.model)
+        chat_model.model.to(device)
+    except (DataUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"{PROG} serve: {err}", file=sys.stderr)
+        return 2
+    if not args.no_pack:
+        pack_for_decoding(chat_model.model)
+    name = served_name(args.model)
+    app = create_app(chat_model, name, api_key=args.api_key, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    print(f"serving {name} at http://{args.host}:{args.port}/ (the web chat) and /v1 (OpenAI's API); Ctrl-C stops",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return chat(args)
+    return serve(args) if args.command == "serve" else chat(args)
 
 
 if __name__ == "__main__":

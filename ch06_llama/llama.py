@@ -407,6 +407,10 @@ class LatentCache(DecodingCache):
         """Bytes the cache holds: n_layer * batch * max_length * (kv_lora_rank + rope_dim) * size."""
         return self.latents.nbytes
 
+    @property
+    def stored(self) -> tuple[torch.Tensor]:
+        return (self.latents,)
+
     def store(self, layer: int, latents: torch.Tensor) -> torch.Tensor:
         """Write the new tokens' latents (batch, seq, rank + rope) into `layer`'s slots; return all filled ones."""
         self.latents[layer, :, self.start:self.length] = latents

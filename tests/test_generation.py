@@ -167,6 +167,28 @@ def test_padded_rows_get_exactly_the_tokens_they_get_alone(name, use_cache):
         assert torch.equal(row[idx.shape[1]:], alone[len(tokens):])
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_rows_taken_from_other_caches_go_on_as_they_would_alone(name):
+    """take_rows: rows of a padded batch's cache and of a single prompt's, moved into one new cache in another
+    order, give each row the next logits it would get where it was."""
+    model = MODELS[name]().double()
+    idx, mask = left_pad(PROMPTS[:2])
+    batch_cache, single_cache = model.new_cache(2, 16), model.new_cache(1, 16)
+    model.hidden_states(idx, batch_cache, mask.bool())
+    model.hidden_states(torch.tensor([PROMPTS[3]]), single_cache)
+    joined = model.new_cache(3, 20)
+    joined.take_rows([(batch_cache, 1), (single_cache, 0), (batch_cache, 0)])
+    assert joined.length == len(PROMPTS[1]) and joined.padded
+    new = torch.tensor([[1], [2], [3]])
+    head = output_layer(model)
+    together = head(model.hidden_states(new, joined)[:, -1])
+    for row, tokens in enumerate([PROMPTS[1], PROMPTS[3], PROMPTS[0]]):
+        alone = head(model.hidden_states(torch.tensor([tokens + [row + 1]]))[:, -1])
+        assert torch.allclose(together[row], alone[0], atol=1e-10), (name, row)
+    with pytest.raises(ValueError, match="empty cache of 2 rows"):
+        joined.take_rows([(single_cache, 0), (single_cache, 0)])
+
+
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_padded_rows_slide_past_the_context_like_single_prompts(name):
     model = MODELS[name](context_length=16)
