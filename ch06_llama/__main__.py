@@ -93,9 +93,14 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def open_model(name: str | None):
     """The ChatModel `--model` names: a path that exists; else, if it reads as owner/name, a Hugging Face
     repository id; else a path that is missing, which `load_chat_model` reports as such."""
-    if name is not None and not Path(name).exists() and REPO_ID.fullmatch(name) and not name.endswith(".gguf"):
+    if name is not None and is_repo_id(name):
         return load_chat_model(download_llama_hf(name))
     return load_chat_model(name)
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `--model NAME` means a Hugging Face repository: no such path here, and it reads as owner/name."""
+    return not Path(name).exists() and bool(REPO_ID.fullmatch(name)) and not name.endswith(".gguf")
 
 
 def messages(interactive: bool):
@@ -151,7 +156,7 @@ def served_name(model: str | None) -> str:
     """The name a served model goes by in the API: the default's, a repository id, or a file or folder's name."""
     if model is None:
         return "smollm2-135m-instruct"
-    return model if REPO_ID.fullmatch(model) and not Path(model).exists() else Path(model).stem
+    return model if is_repo_id(model) else Path(model).stem
 
 
 def serve(args: argparse.Namespace) -> int:
