@@ -108,6 +108,10 @@ def main() -> None:
                 row += f"{rate:10.1f} tok/s {rate / baseline:5.2f}x"
             print(f"{label:18s}{row}")
         print("(x: against the same server answering the requests one at a time)")
+        if "llama.cpp" in servers:
+            print("ours / llama.cpp: " + ", ".join(
+                f"{label} {statistics.median(rates['ours', label]) / statistics.median(rates['llama.cpp', label]):.2f}x"
+                for label, _, _ in settings))
     finally:
         for process, _ in servers.values():
             process.terminate()

@@ -12,7 +12,7 @@ with (flags given override them).
 
 import argparse
 import dataclasses
-import json
+import errno
 import math
 import sys
 from collections.abc import Callable
@@ -23,10 +23,11 @@ import torch
 from ch03_gpt_model.gpt import generate
 from ch04_pretraining.config import ARCHITECTURES, TrainConfig, fitted_to_gpu, model_settings, scale_preset
 from ch04_pretraining.pretraining import TrainingDiverged, train
-from ch04_pretraining.runs import CONFIG_FILE, CheckpointError, load_run
+from ch04_pretraining.runs import CheckpointError, load_run, read_run_config
 from shared.config import BriefParser, ConfigError, add_flag, flag, flag_type
 from shared.data import DataUnavailableError
 from shared.device import get_device
+from shared.files import DiskFullError
 
 PROG = "python -m ch04_pretraining"
 
@@ -77,13 +78,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool, bool]:
     first.add_argument("--resume", action="store_true")
     known, _ = first.parse_known_args(argv)
     scale = known.scale if known.scale in ("smoke", "cpu", "gpu") else "cpu"
-    saved = Path(known.out_dir or scale_preset(scale, gpu_memory_bytes=16e9).out_dir) / CONFIG_FILE
-    base = None
-    if known.resume and saved.is_file():
-        base = TrainConfig.from_dict(json.loads(saved.read_text()))
-    arch = known.arch if known.arch in ARCHITECTURES else (base.arch if base else "gpt")
-    parser = train_parser(arch, scale)
+    out_dir = Path(known.out_dir or scale_preset(scale, gpu_memory_bytes=16e9).out_dir)
+    saved, unreadable = None, None
+    if known.resume and out_dir.is_dir():
+        try:
+            saved = read_run_config(out_dir)
+        except ConfigError as err:
+            unreadable = err
+    arch = known.arch if known.arch in ARCHITECTURES else (saved or {}).get("arch", "gpt")
+    parser = train_parser(arch if arch in ARCHITECTURES else "gpt", scale)
     args = parser.parse_args(argv)
+    if unreadable is not None:
+        parser.error(f"--resume: {unreadable.message}")
+    base = None
+    if saved is not None:
+        if "task" in saved:
+            parser.error(f"the run in {out_dir} is a chapter 5 {saved['task']} run: resume it with python -m "
+                         f"ch05_finetuning {saved['task']} --out-dir {out_dir} --resume")
+        try:
+            base = TrainConfig.from_dict(saved)
+        except ConfigError as err:
+            parser.error(f"the settings saved in {out_dir} cannot be used: {flag(err.field)}: {err.message}")
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: give one of them")
     if base is None or base.arch != arch:
@@ -152,14 +167,19 @@ def sample_main(argv: list[str]) -> int:
 
 def run_or_report(start: Callable[[], dict]) -> dict | None:
     """`start()`'s result; or None, once a mistake the reader can fix (a bad setting, data or a base model
-    that cannot be found offline, no readable checkpoint, a diverged run) is printed as one line naming it.
+    that cannot be found offline, no readable checkpoint, a diverged run, a full disk) is printed as one line
+    naming it.
     Anything else is a bug, and keeps its traceback."""
     try:
         return start()
     except ConfigError as err:
         print(f"error: {flag(err.field)}: {err.message}", file=sys.stderr)
-    except (TrainingDiverged, DataUnavailableError, CheckpointError) as err:
+    except (TrainingDiverged, DataUnavailableError, CheckpointError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk is full ({err.filename or err}): free some space, then resume", file=sys.stderr)
     return None
 
 

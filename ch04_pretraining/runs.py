@@ -70,6 +70,8 @@ def run_lock(out_dir: str | Path):
 
     A lock left behind by a process that no longer exists (a killed run) is taken over."""
     path = Path(out_dir) / LOCK_FILE
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError("out_dir", f"{path.parent} is a file, not a folder: choose another out_dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
@@ -141,7 +143,12 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
                if name not in tied}
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp))
-    record_checkpoint(out_dir, step, cfg, data, optimizer.state_dict(), weights_path, keep)
+    try:
+        record_checkpoint(out_dir, step, cfg, data, optimizer.state_dict(), weights_path, keep)
+    except BaseException:                      # a full disk, Ctrl-C: weights without their state are no checkpoint
+        if pointed_step(out_dir) != step:
+            weights_path.unlink(missing_ok=True)
+        raise
     return weights_path
 
 
@@ -180,6 +187,15 @@ def checkpoint_steps(out_dir: str | Path) -> list[int]:
 _SAME_RUN_FIELDS = ("arch", "data", "tokenizer", "vocab_multiple", "optimizer", "parallel")
 
 
+def pointed_step(out_dir: Path) -> int | None:
+    """The step `latest.json` names, or None where it is missing or broken (not JSON, no whole-number step)."""
+    try:
+        step = json.loads((out_dir / CHECKPOINT_POINTER).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None,
                     sharded: bool = False) -> tuple[dict | None, dict]:
     """(weights, state) of the newest readable checkpoint in `out_dir`, without unpickling objects and onto
@@ -189,11 +205,9 @@ def load_checkpoint(out_dir: str | Path, cfg: TrainConfig | None = None,
     `sharded`: then they are None, for a sharded run's processes to read their shards (`load_sharded`)."""
     out_dir = Path(out_dir)
     candidates = sorted(checkpoint_steps(out_dir), reverse=True)
-    try:
-        named = json.loads((out_dir / CHECKPOINT_POINTER).read_text())["step"]
+    named = pointed_step(out_dir)
+    if named in candidates:                               # else no pointer, or a broken one: the files decide
         candidates = [named] + [s for s in candidates if s != named]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass                                              # no pointer, or a broken one: the files decide
     if not candidates:
         raise CheckpointError(f"no checkpoint in {out_dir}; train without resuming first")
     problems = []
@@ -382,10 +396,35 @@ def keep_rows_before(path: Path, step: int) -> None:
 
 # ---- Loading a run's data, and resuming it ---------------------------------------------------------------
 
+def read_run_config(out_dir: str | Path) -> dict:
+    """The settings the run in `out_dir` started with: its config.json, or, where that file is missing or
+    unreadable (not JSON, not an object), with a warning, the config of its newest readable checkpoint. A
+    ConfigError naming `out_dir` if neither can be read."""
+    path = Path(out_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(config, dict) else f"it holds a JSON {type(config).__name__}, not an object"
+    except (OSError, ValueError) as err:
+        config, problem = None, f"{type(err).__name__}: {err}"
+    if problem is None:
+        return config
+    try:
+        state = load_checkpoint(out_dir)[1]
+    except CheckpointError:
+        raise ConfigError("out_dir", f"{path} cannot be read ({problem}), and {out_dir} has no readable "
+                                     f"checkpoint to take the run's settings from") from None
+    warnings.warn(f"{path} cannot be read ({problem}); the run's settings come from its checkpoint of step "
+                  f"{state['step']}", stacklevel=2)
+    return state["config"]
+
+
 def load_run(out_dir: str | Path, device="cpu") -> tuple[nn.Module, Tokenizer, dict]:
     """The model of a run's newest readable checkpoint, in evaluation mode on `device`, with the run's
     tokenizer and the checkpoint's state (step, config, ...)."""
     weights, state = load_checkpoint(out_dir)
+    if "task" in state["config"]:
+        raise ValueError(f"{out_dir} is a chapter 5 {state['config']['task']} run, not a chapter 4 one: read it with "
+                         f"ch05_finetuning's load_finetuned")
     cfg = TrainConfig.from_dict(state["config"])
     tokenizer = Tokenizer.load(Path(out_dir) / TOKENIZER_FILE)
     model = cfg.build_model(tokenizer.n_vocab)

@@ -17,12 +17,11 @@ saved, and the run can be resumed).
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from ch04_pretraining.__main__ import run_or_report
-from ch04_pretraining.runs import CONFIG_FILE
+from ch04_pretraining.runs import read_run_config
 from ch05_finetuning.finetuning import FinetuneConfig, finetune, finetune_preset, pretrain_small_base
 from ch05_finetuning.rl import arithmetic_splits, arithmetic_text
 from shared.config import BriefParser, ConfigError, add_flag, flag
@@ -51,6 +50,30 @@ def finetune_parser(task: str, scale: str = "gpu") -> argparse.ArgumentParser:
     return parser
 
 
+def scale_of(argv: list[str]) -> str:
+    """The preset the flags `argv` start from: --scale's value if it names one, else gpu (a bad --scale is
+    refused by the full parser)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--scale", default="gpu")
+    known, _ = first.parse_known_args(argv)
+    return known.scale if known.scale in ("smoke", "cpu", "gpu") else "gpu"
+
+
+def resumed_config(parser: argparse.ArgumentParser, out_dir: Path, task: str) -> FinetuneConfig:
+    """The config of the `task` run in `out_dir`, to resume; a usage error if it cannot be read or is another
+    task's, or a chapter 4 run's."""
+    try:
+        saved = read_run_config(out_dir)
+        if "task" not in saved:
+            parser.error(f"the run in {out_dir} is a chapter 4 pretraining run, not a {task} run: finetune from it "
+                         f"with --base {out_dir} and a new --out-dir")
+        if saved["task"] != task:
+            parser.error(f"the run in {out_dir} is a {saved['task']} run, not {task}")
+        return FinetuneConfig.from_dict(saved)
+    except ConfigError as err:
+        parser.error(f"--resume: the run in {out_dir}: {flag(err.field)}: {err.message}")
+
+
 def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
     """(config, resume, overwrite) for `TASK [flags]`; a bad value is a usage error naming its flag."""
     if not argv or argv[0] not in FinetuneConfig.TASKS:
@@ -61,22 +84,14 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
                               "learning)")
         top.parse_args(argv[:1])                            # prints the usage and exits
     task, argv = argv[0], argv[1:]
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--scale", default="gpu")
-    first.add_argument("--out-dir")
-    first.add_argument("--resume", action="store_true")
-    known, _ = first.parse_known_args(argv)
-    scale = known.scale if known.scale in ("smoke", "cpu", "gpu") else "gpu"
-    parser = finetune_parser(task, scale)
+    parser = finetune_parser(task, scale_of(argv))
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: give one of them")
-    base = finetune_preset(task, scale)
-    saved = Path(args.out_dir or base.out_dir) / CONFIG_FILE
-    if args.resume and saved.is_file():
-        base = FinetuneConfig.from_dict(json.loads(saved.read_text()))
-        if base.task != task:
-            parser.error(f"the run in {saved.parent} is a {base.task} run, not {task}")
+    base = finetune_preset(task, scale_of(argv))
+    out_dir = Path(args.out_dir or base.out_dir)
+    if args.resume and out_dir.is_dir():
+        base = resumed_config(parser, out_dir, task)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base)
              if f.name not in NOT_FLAGS and getattr(args, f.name) is not None}
     try:
@@ -95,6 +110,7 @@ def write_arithmetic_text(argv: list[str]) -> int:
     parser.add_argument("file", type=Path)
     path = parser.parse_args(argv).file
     text = arithmetic_text(arithmetic_splits()["train"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"{text.count(chr(10)):,} sums in {path}")
     return 0
@@ -130,17 +146,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result["interrupted"] or result["stopped_by"]:
         return 130 if result["interrupted"] else 0
-    report_test_set(cfg, result)
+    report_test_set(cfg, result, SMOKE_TEST_EXAMPLES if scale_of(argv[1:]) == "smoke" else None)
     return 0
 
 
-def report_test_set(cfg: FinetuneConfig, result: dict) -> None:
+SMOKE_TEST_EXAMPLES = 8          # a smoke run is a check that everything runs: its report stays seconds long
+
+
+def report_test_set(cfg: FinetuneConfig, result: dict, examples: int | None = None) -> None:
     """After a finished run, what its model does on the task's test examples (the task's `test_report`): the
     accuracy with its 95% interval (classify; reward: of the preference pairs; grpo, ppo with the exact-answer
     reward: exact match of the greedy answers), or the answers to the test instructions, saved as
     OUT_DIR/test-responses.json with their ROUGE-L and, for the checkable tasks, the share exactly right
-    (instruct, dpo; grpo, ppo with a reward model, after the answers' mean reward)."""
-    print(cfg.test_report(result["model"].eval(), result["tokenizer"], cfg.read_data()["test"]))
+    (instruct, dpo; grpo, ppo with a reward model, after the answers' mean reward). `examples`: only the first
+    that many test examples (smoke scale), else all."""
+    test = cfg.read_data()["test"]
+    if examples is not None and examples < len(test):
+        print(f"(the smoke scale reports on {examples} of the {len(test)} test examples)")
+        test = test[:examples]
+    print(cfg.test_report(result["model"].eval(), result["tokenizer"], test))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,24 @@ SPAM_LABELS = ("ham", "spam")
 
 
 def read_sms_spam(path: str | Path) -> list[tuple[str, int]]:
-    """(text, label) pairs of the SMS Spam Collection, one `label<TAB>text` line each; label 1 is spam."""
+    """(text, label) pairs of the SMS Spam Collection, one `label<TAB>text` line each; label 1 is spam. A
+    ConfigError naming the file for text that is not UTF-8, a line that is not a labelled message, or a file
+    without both labels."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError("data", f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         label, sep, text = line.partition("\t")
         if not sep or label not in SPAM_LABELS:
             raise ConfigError("data", f"{path}, line {number}: expected 'ham' or 'spam', a tab and the message, "
                                       f"got {line[:60]!r}")
         examples.append((text, SPAM_LABELS.index(label)))
+    missing = [label for k, label in enumerate(SPAM_LABELS) if all(example[1] != k for example in examples)]
+    if missing:
+        raise ConfigError("data", f"{path} has no {' and no '.join(map(repr, missing))} messages: a classifier "
+                                  f"learns from examples of each label")
     return examples
 
 

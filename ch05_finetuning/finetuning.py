@@ -52,6 +52,7 @@ from ch04_pretraining.runs import (
     load_checkpoint,
     load_run,
     load_weights,
+    read_run_config,
 )
 from shared.config import ConfigError, knob
 from shared.data import REGISTRY, REPO_ROOT, fetch, read_text
@@ -59,7 +60,7 @@ from shared.device import Precision, autocast
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
 from ch05_finetuning.checkable import CHECKABLE_TASKS, checkable_records, skill_text
-from ch05_finetuning.lora import apply_lora, merge_lora
+from ch05_finetuning.lora import apply_lora, has_new_head, lora_targets, merge_lora
 
 
 # ---- A model to start from -------------------------------------------------------------------------------
@@ -76,6 +77,7 @@ class Base:
     vocab_multiple: int
     path: str
     source: str
+    instructed: bool = False        # finetuned on Alpaca prompts (an instruct, dpo, grpo or ppo run)
 
 
 def load_base(base: str) -> Base:
@@ -90,7 +92,7 @@ def load_base(base: str) -> Base:
     """
     path = Path(base)
     if (path / CHECKPOINT_POINTER).is_file() or (path / TOKENIZER_FILE).is_file():
-        if (path / CONFIG_FILE).is_file() and "task" in json.loads((path / CONFIG_FILE).read_text()):
+        if "task" in read_run_config(path):
             return finetuned_base(path)
         model, tokenizer, state = load_run(path)
         saved = TrainConfig.from_dict(state["config"])
@@ -109,7 +111,7 @@ def finetuned_base(path: Path) -> Base:
     merged, every weight trainable. A run of another task is refused by its config's `language_model`."""
     model, tokenizer, cfg = load_finetuned(path)
     model = cfg.language_model(merge_lora(model)).requires_grad_(True).train()
-    return Base(model, tokenizer, cfg.arch, cfg.vocab_multiple, str(path), f"instruct run {path}")
+    return Base(model, tokenizer, cfg.arch, cfg.vocab_multiple, str(path), f"{cfg.task} run {path}", instructed=True)
 
 
 def model_settings_of(model: nn.Module) -> dict:
@@ -127,9 +129,11 @@ SMALL_BASE_MODEL = dict(n_layer=4, n_head=4, n_embd=128, context_length=256)
 
 
 def split_records(records: Sequence, sizes: tuple[int, int] = (935, 55), seed: int = 123) -> dict[str, list]:
-    """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}."""
-    if sum(sizes) >= len(records):
-        raise ConfigError("data", f"{len(records)} records leave nothing to test after {sizes[0]} + {sizes[1]}")
+    """Shuffle (seeded) and cut into {"train": first sizes[0], "val": next sizes[1], "test": the rest}. A
+    ConfigError unless each of the three gets at least one record."""
+    if min(sizes) < 1 or sum(sizes) >= len(records):
+        raise ConfigError("data", f"{len(records)} records cannot be split into {sizes[0]} to train, {sizes[1]} to "
+                                  f"validate and the rest to test: each needs at least one; give more records")
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     return {"train": shuffled[:sizes[0]], "val": shuffled[sizes[0]:sum(sizes)], "test": shuffled[sum(sizes):]}
@@ -303,8 +307,9 @@ class FinetuneConfig(TrainConfig):
         return path
 
     def read_records(self, needed: set[str]) -> list[dict]:
-        """The JSON list of records in `data`, each holding the keys `needed`, or the generated `checkable-tasks`
-        records (section 5); a ConfigError naming the file."""
+        """The JSON list of records in `data`, each holding the keys `needed` as text (and "input", if any, as
+        text too), or the generated `checkable-tasks` records (section 5); a ConfigError naming the file, the
+        record and the field."""
         if self.data == CHECKABLE_TASKS:
             return checkable_records()
         path = self.data_path()
@@ -312,9 +317,27 @@ class FinetuneConfig(TrainConfig):
             records = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise ConfigError("data", f"{path} is not a JSON list of instruction records: {err}") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) and needed <= set(r) for r in records):
-            raise ConfigError("data", f"{path} must hold a JSON list of objects with {', '.join(sorted(needed))}")
+        if not isinstance(records, list) or not records:
+            raise ConfigError("data", f"{path} must hold a non-empty JSON list of objects with "
+                                      f"{', '.join(sorted(needed))}")
+        for number, record in enumerate(records):
+            problem = record_problem(record, needed)
+            if problem:
+                raise ConfigError("data", f"{path}, record {number}: {problem}")
         return records
+
+
+def record_problem(record, needed: set[str]) -> str | None:
+    """What is wrong with one data record, or None: it must be an object whose `needed` fields are text (JSON
+    strings: a null would be trained on as the text "None"), and whose "input", if it has one, is text too."""
+    if not isinstance(record, dict):
+        return f"expected an object with {', '.join(sorted(needed))}, got {json.dumps(record)[:60]}"
+    for key in sorted(needed) + ["input"] * bool(record.get("input")):
+        if key not in record:
+            return f"it has no {key!r}"
+        if not isinstance(record[key], str):
+            return f"{key!r} must be text, got {json.dumps(record[key])[:60]}"
+    return None
 
 
 def bucketed_order(lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 20) -> list[int]:
@@ -446,9 +469,16 @@ def end_token(tokenizer: Tokenizer) -> int:
 
 
 def wrap_for_task(cfg: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
-    """The base model made ready to train on `cfg.task` (the task's `wrap`), with LoRA adapters of `lora_rank`."""
+    """The base model made ready to train on `cfg.task` (the task's `wrap`), with LoRA adapters of `lora_rank`:
+    a ConfigError if that rank is not below the smaller side of every layer it adapts."""
     model = cfg.wrap(model, tokenizer)
     if cfg.lora_rank:
+        body = model.base if has_new_head(model) else model
+        narrowest = min(min(body.get_submodule(name).weight.shape) for name in lora_targets(body))
+        if cfg.lora_rank >= narrowest:
+            raise ConfigError("lora_rank", f"must be below {narrowest}, the smaller side of the narrowest layer LoRA "
+                                           f"adapts in this base (a rank that large is no low-rank update), "
+                                           f"got {cfg.lora_rank}")
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     return model
 
@@ -458,7 +488,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
              ) -> dict:
     """Finetune `cfg.base` on `cfg.task` with chapter 4's `run_training`: the same run folder, lock,
     checkpoints, metrics files, exact resume, time budget and Ctrl-C handling. `base`, a `load_base` result,
-    saves loading it again (it is copied, never changed). Returns what chapter 4's `train` returns."""
+    saves loading it again (it is copied, never changed). Returns what chapter 4's `train` returns. The data is
+    read and checked first, so that bad data stops the run before its folder is made."""
+    splits = cfg.read_data()
+
     def setup(cfg: FinetuneConfig):
         loaded = copy.deepcopy(base) if base is not None else load_base(cfg.base)
         tokenizer_name = "gpt2" if isinstance(loaded.tokenizer, TiktokenTokenizer) else \
@@ -466,7 +499,6 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
         cfg = replace(cfg, arch=loaded.arch, model=model_settings_of(loaded.model),
                       vocab_multiple=loaded.vocab_multiple, tokenizer=tokenizer_name)
         reference = copy.deepcopy(loaded.model).eval().requires_grad_(False) if cfg.keeps_reference else None
-        splits = cfg.read_data()
         model = wrap_for_task(cfg, loaded.model, loaded.tokenizer)
         data = cfg.batches(loaded.tokenizer, splits, model, reference)
         if cfg.epochs:

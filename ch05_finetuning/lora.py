@@ -166,7 +166,8 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name_o
 
 def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Wrap `model`'s layers as a `peft` LoRA adapter in `directory` says and load its weights (written by
-    `save_peft_adapter` or by `peft` itself). Settings this LoRALinear does not compute are refused."""
+    `save_peft_adapter` or by `peft` itself). Settings this LoRALinear does not compute are refused. Everything is
+    checked before the model is touched: an adapter that does not fit it leaves it as it was."""
     directory = Path(directory)
     try:
         config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
@@ -177,17 +178,44 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     unsupported = {"peft_type": config.get("peft_type") != "LORA", "bias": config.get("bias", "none") != "none",
                    "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
                    "modules_to_save": bool(config.get("modules_to_save")),
-                   "target_modules": not isinstance(config.get("target_modules"), list)}
+                   "target_modules": not isinstance(config.get("target_modules"), list),
+                   "r": not (isinstance(config.get("r"), int) and config["r"] >= 1),
+                   "lora_alpha": not isinstance(config.get("lora_alpha"), (int, float))}
     refused = [name for name, bad in unsupported.items() if bad]
     if refused:
         raise ValueError(f"{directory}: this adapter's {refused[0]} ({config.get(refused[0])!r}) is not supported; "
-                         f"only plain LoRA (no bias, no rsLoRA or DoRA, a list of target modules) is")
-    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
-               float(config.get("lora_dropout") or 0.0))
+                         f"only plain LoRA (no bias, no rsLoRA or DoRA, a list of target modules, a rank r >= 1, "
+                         f"a number lora_alpha) is")
     weights = {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): tensor for name, tensor in tensors.items()}
-    expected = {f"{name}.{part}.weight" for name in lora_layers(model) for part in ("lora_A", "lora_B")}
-    if set(weights) != expected:
-        raise ValueError(f"{directory}: the adapter's tensors do not fit the model: missing "
-                         f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}")
+    check_adapter_fits(model, config["target_modules"], config["r"], weights, directory)
+    apply_lora(model, config["r"], float(config["lora_alpha"]), config["target_modules"],
+               float(config.get("lora_dropout") or 0.0))
     model.load_state_dict(weights, strict=False)
     return model
+
+
+def check_adapter_fits(model: nn.Module, targets: list[str], rank: int, weights: dict[str, torch.Tensor],
+                       directory: Path) -> None:
+    """A ValueError naming `directory` unless `weights` are exactly the LoRA matrices that `apply_lora(model,
+    rank, ..., targets)` would make: the same names, A (rank, in_features) and B (out_features, rank) each."""
+    body = model.base if has_new_head(model) else model
+    prefix = "base." if body is not model else ""
+    try:
+        names = lora_targets(body, targets)
+    except ValueError as err:
+        raise ValueError(f"{directory}: the adapter's target_modules do not fit the model: {err}") from None
+    expected = {}
+    for name in names:
+        layer = body.get_submodule(name)
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{directory}: {name} already has a LoRA adapter; merge_lora first to add another")
+        expected[f"{prefix}{name}.lora_A.weight"] = (rank, layer.in_features)
+        expected[f"{prefix}{name}.lora_B.weight"] = (layer.out_features, rank)
+    if set(weights) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ValueError(f"{directory}: the adapter's tensors do not fit the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{directory}: {name} is {tuple(weights[name].shape)}, but a rank-{rank} adapter of this "
+                             f"model needs {shape}")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ch01_tokenization.tokenization import Tokenizer
 from ch03_gpt_model.gpt import output_weight
-from shared.config import knob
+from shared.config import ConfigError, knob
 from shared.device import Precision, autocast, choose_precision
 # from this chapter's other modules (the exporter writes these imports):
 from ch05_finetuning.classification import (
@@ -177,8 +177,14 @@ class RewardConfig(ClassifyConfig, tasks=("reward",)):
                                                "instruction, input, output, chosen and rejected")
 
     def read_data(self) -> dict[str, list]:
-        """The records split 85/5/10 with a fixed seed, as the instruct task splits its own."""
-        return split_by_share(self.read_records({"instruction", "output", "chosen", "rejected"}))
+        """The records split 85/5/10 with a fixed seed, as the instruct task splits its own. A ConfigError if no
+        training pair has two different responses: a pair with chosen == rejected prefers nothing, and its loss
+        is ln 2 whatever the model does (the shipped data has 6 such pairs in 1,100)."""
+        splits = split_by_share(self.read_records({"instruction", "output", "chosen", "rejected"}))
+        if all(record["chosen"] == record["rejected"] for record in splits["train"]):
+            raise ConfigError("data", f"in {self.data_path()}, every training pair has chosen == rejected, which "
+                                      f"teaches no preference; give pairs whose two responses differ")
+        return splits
 
     def wrap(self, model: nn.Module, tokenizer: Tokenizer) -> nn.Module:
         reward_model = RewardModel(model, pad_id=end_token(tokenizer))

@@ -358,6 +358,9 @@ class RLConfig(FinetuneConfig, tasks=("grpo", "ppo")):
         self.check_settings({"group_size": 2, "max_new_tokens": 1, "iterations": 1},
                             {"temperature": True, "kl_coef": False, "clip_epsilon": True, "value_coef": False,
                              "gae_lambda": False})
+        if self.gae_lambda > 1:
+            raise ConfigError("gae_lambda", f"must be from 0 to 1 (it weighs advantages k steps ahead by "
+                                            f"lambda^k), got {self.gae_lambda}")
 
     def read_data(self) -> dict[str, list]:
         """The arithmetic problems (`arithmetic_splits`), or instruction records split 85/5/10."""

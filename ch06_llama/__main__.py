@@ -1,6 +1,6 @@
 """Chapter 6's command line: chat with a Llama-architecture model, or serve it, through the chapter's own code.
 
-    python -m ch06_llama chat [--model FILE.gguf | FOLDER | REPO_ID] [--temperature 0.7] [--top-k K]
+    python -m ch06_llama chat [--model FILE.gguf | FOLDER | REPO_ID | gpt2] [--temperature 0.7] [--top-k K]
                               [--top-p 0.9] [--max-new-tokens 256] [--system TEXT] [--seed N] [--no-pack]
                               [--device auto]
     python -m ch06_llama serve [--model ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
@@ -8,7 +8,10 @@
 
 The default model is SmolLM2-135M-Instruct, read from its 4-bit GGUF file (downloaded once, or found in the
 offline mirror `LLM_DATA_MIRROR` names). `--model` takes another Llama GGUF file, a Hugging Face Llama folder,
-or a Hugging Face repository id such as meta-llama/Llama-3.2-1B-Instruct (downloaded with HF_TOKEN).
+a Hugging Face repository id such as meta-llama/Llama-3.2-1B-Instruct (downloaded with HF_TOKEN), or one of
+the book's own models: a chapter 5 instruct (or dpo, grpo, ppo) run, which answers in the Alpaca format it was
+finetuned on; a chapter 4 run, a Hugging Face GPT-2 folder or gpt2 (OpenAI's weights), which have no chat
+template: they continue text, so `serve` them and send prompts to /v1/completions.
 
 At a terminal: type a message and press Enter; the answer streams as it is generated, then its speed. Ctrl-C
 during an answer ends the answer, not the chat; Ctrl-C or Ctrl-D at the prompt ends the chat. `/reset` forgets
@@ -57,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="chat with a model, streaming its answers",
                                description=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
-    chat.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id "
-                                      "(default: SmolLM2-135M-Instruct)")
+    chat.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id, a chapter 5 "
+                                      "instruct run (default: SmolLM2-135M-Instruct)")
     chat.add_argument("--system", help="a system message that opens the conversation")
     chat.add_argument("--temperature", type=temperature, default=0.7,
                       help="0: always the most likely token (default 0.7)")
@@ -72,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve = commands.add_parser("serve", help="serve a model over OpenAI's API, with a web chat at /",
                                 description="Serve a model over OpenAI's HTTP API (/v1/models, /v1/chat/completions, "
                                             "/v1/completions), many requests at once, with a web chat at /.")
-    serve.add_argument("--model", help="a GGUF file, a Hugging Face Llama folder or repository id "
-                                       "(default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--model", help="a GGUF file, a Hugging Face Llama or GPT-2 folder or repository id, a "
+                                       "chapter 4 or 5 run, gpt2 (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this "
                                                            "machine only; 0.0.0.0: every network)")
     serve.add_argument("--port", type=positive, default=8000, help="the port to listen on (default 8000)")

@@ -3,13 +3,15 @@
 
 """Chapter 6: a chat with a Llama.
 
-- `chat_prompt` renders a model's chat template as `transformers`' `apply_chat_template` does.
+- `chat_prompt` renders a model's chat template as `transformers`' `apply_chat_template` does, in a sandbox with
+  a deadline and a size limit; `encode_chat` encodes the result, the messages always as text.
 - `load_chat_model`, `ChatModel`, `TextStream`, `Chat`: a conversation that streams its answers and keeps its
   KV cache from turn to turn (`python -m ch06_llama chat` is `__main__.py`).
 """
 import codecs
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,31 +19,82 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from torch import nn
 
-from ch01_tokenization.tokenization import LLAMA3_SPLIT_PATTERN, BPETokenizer
-from ch03_gpt_model.gpt import DecodingCache, generate
+from ch01_tokenization.tokenization import LLAMA3_SPLIT_PATTERN, BPETokenizer, Tokenizer
+from ch03_gpt_model.gpt import GPT_CONFIGS, DecodingCache, generate
+from ch05_finetuning.finetuning import load_base
+from ch05_finetuning.instructions import alpaca_prompt
 from shared.data import fetch
 # from this chapter's other modules (the exporter writes these imports):
 from ch06_llama.checkpoints import gguf_metadata, special_tokens_from_hf
 from ch06_llama.llama import LlamaModel
 
+TEMPLATE_SECONDS = 1.0           # a chat template renders in about a millisecond; one still running is cut off
+TEMPLATE_LENGTH = 1_000_000      # characters (or items): far more than any context holds
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox (no Python internals, nothing the template is given can be changed) with two bounds, since
+    a template is code that comes with a model file: a deadline, checked at every call, attribute and item the
+    template reads; and a longest string or list, checked on what those give and before a `*` repeats one."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, deadline: float, clock: Callable[[], float]):
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        self.deadline, self.clock = deadline, clock
+
+    def bounded(self, value, length: int | None = None):
+        """`value`, if the deadline has not passed and it (or what would be `length` long) is not too long."""
+        if self.clock() > self.deadline:
+            raise ValueError(f"the chat template ran for more than {TEMPLATE_SECONDS:g} s")
+        if length is None and isinstance(value, (str, list, tuple)):
+            length = len(value)
+        if length is not None and length > TEMPLATE_LENGTH:
+            raise ValueError(f"the chat template built a text or list longer than {TEMPLATE_LENGTH:,}")
+        return value
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        __self.bounded(None)
+        return __self.bounded(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        return self.bounded(super().getattr(obj, attribute))
+
+    def getitem(self, obj, argument):
+        return self.bounded(super().getitem(obj, argument))
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise ValueError(f"the chat template raises a number to the power {right}")
+        if operator == "*" and isinstance(right, (str, list, tuple)):
+            left, right = right, left
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+            self.bounded(None, len(left) * right)                      # checked before it is built
+        return self.bounded(super().call_binop(context, operator, left, right))
+
 
 def chat_prompt(messages: list[dict], template: str, add_generation_prompt: bool = True,
-                now: Callable[[], datetime] = datetime.now, **variables) -> str:
+                now: Callable[[], datetime] = datetime.now, clock: Callable[[], float] = time.monotonic,
+                **variables) -> str:
     """The text a chat model expects for `messages` ([{"role": "user", "content": ...}, ...]): the model's
-    Jinja2 chat template (from its GGUF metadata or tokenizer_config.json) rendered in a sandbox, as
+    Jinja2 chat template (from its GGUF metadata or tokenizer_config.json) rendered in a `BoundedSandbox`, as
     `transformers`' `apply_chat_template` renders it, with what it gives templates besides the messages:
     jinja2's loop controls (`break`, `continue`), `raise_exception`, `strftime_now` (Llama 3.2 prints today's
     date, read from `now`) and a `tojson` that writes what `json.dumps` writes (jinja2's own escapes <, >, &
     and ' for HTML). `variables` are the other names a template reads (`bos_token`, `tools`, `date_string`).
-    Encode the result with allowed_special="all"."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    Whatever goes wrong in the template (a syntax error, something the sandbox refuses, a refusal the template
+    raises, more than TEMPLATE_SECONDS or TEMPLATE_LENGTH) is a ValueError that says what. `encode_chat`
+    encodes the result."""
     for message in messages:
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r}")
+    if not isinstance(template, str):
+        raise ValueError(f"a chat template is Jinja2 text, not {type(template).__name__}")
 
     def raise_exception(message: str):                   # templates call it to refuse a conversation
         raise ValueError(f"the chat template refuses these messages: {message}")
@@ -49,28 +102,82 @@ def chat_prompt(messages: list[dict], template: str, add_generation_prompt: bool
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment = BoundedSandbox(clock() + TEMPLATE_SECONDS, clock)
     environment.globals.update(raise_exception=raise_exception, strftime_now=lambda format: now().strftime(format))
     environment.filters["tojson"] = tojson
-    return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                    **variables)
+    try:
+        pieces = environment.from_string(template).generate(messages=messages,
+                                                            add_generation_prompt=add_generation_prompt, **variables)
+        text, length = [], 0
+        for piece in pieces:
+            length += len(piece)
+            text.append(environment.bounded(piece, length))
+        return "".join(text)
+    except ValueError:
+        raise
+    except Exception as err:                 # a template is the model file's code: its failures are the file's
+        raise ValueError(f"the chat template fails: {type(err).__name__}: {err}") from None
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], template: str, **variables) -> list[int]:
+    """The token ids of `messages` rendered with `template` (`chat_prompt`, which takes `variables` too): the
+    template's special tokens (<|im_start|>, <|eot_id|>, ...) as their ids, the messages always as text. A user
+    who types "<|im_end|>" gets the ids of those characters, not the token that ends a turn, so a message cannot
+    close its own turn and open one for another role. For that the template is rendered a second time with a
+    marker for each message, and the text between markers is the template's own; a template that changes a
+    message which holds a special token's text (trims it, say) is refused for that message."""
+    text = chat_prompt(messages, template, **variables)
+    contents = [str(message["content"]) for message in messages]
+    if not any(special in content for content in contents for special in tokenizer.special_tokens):
+        return tokenizer.encode(text, allowed_special="all")
+    marked = chat_prompt([{**message, "content": f"\x00{k}\x00"} for k, message in enumerate(messages)],
+                         template, **variables)
+    parts = re.split("\x00([0-9]+)\x00", marked)      # template text, a message's number, template text, ...
+    parts[1::2] = [contents[int(k)] for k in parts[1::2]]
+    if "".join(parts) != text:
+        raise ValueError("a message holds the text of a special token, and this chat template changes the text "
+                         "of messages, so it cannot be kept apart from the template's own special tokens; "
+                         "take the special token out of the message")
+    return [token for k, part in enumerate(parts)
+            for token in (tokenizer.encode_ordinary(part) if k % 2 else tokenizer.encode(part, allowed_special="all"))]
 
 
 # ---- A chat ----------------------------------------------------------------------------------------------
 
 @dataclass
 class ChatModel:
-    """A chat model and what talking to it needs: its tokenizer, its chat template (Jinja2), the token that ends
-    its turn, and the variables its template expects besides the messages (such as `bos_token`)."""
+    """A model and what talking to it needs: its tokenizer, its chat template (Jinja2; None for a model that only
+    continues text), the token that ends its turn (None where it has none: it stops at max_new_tokens), the
+    variables its template expects besides the messages (such as `bos_token`), and where it came from."""
 
     model: nn.Module
-    tokenizer: BPETokenizer
-    template: str
-    end_of_turn: int
+    tokenizer: Tokenizer
+    template: str | None
+    end_of_turn: int | None
     template_variables: dict
+    source: str = "this model"
+
+    def check_chat(self) -> None:
+        """A ValueError for a model without a chat template, saying what it can do instead."""
+        if self.template is None:
+            raise ValueError(f"{self.source} has no chat template: it continues text rather than answering "
+                             f"messages. Give it text to continue (the server's /v1/completions), or finetune it to "
+                             f"follow instructions first (python -m ch05_finetuning instruct)")
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """`messages` as the model's prompt (`encode_chat`); a ValueError for a model without a chat template."""
+        self.check_chat()
+        return encode_chat(self.tokenizer, messages, self.template, **self.template_variables)
 
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<|endoftext|>")   # ChatML, Llama 3, ...
+
+# Chapter 5's instruct runs (and the dpo, grpo and ppo runs that start from one) learned to answer Alpaca prompts:
+# one instruction, then the response. The template is chapter 5's `alpaca_prompt` with the last user message as
+# the instruction; that format has no system message and no earlier turns. (Jinja2 drops a template's last
+# newline, so one more is added for the one the prompt ends with.)
+ALPACA_TEMPLATE = alpaca_prompt({"instruction": "{{ (messages | selectattr('role', 'equalto', 'user') "
+                                                "| list | last)['content'] }}"}) + "\n"
 
 
 def end_of_turn_id(special_tokens: dict[str, int], fallback: int | None) -> int:
@@ -86,21 +193,27 @@ def end_of_turn_id(special_tokens: dict[str, int], fallback: int | None) -> int:
 
 
 def load_chat_model(source: str | os.PathLike | None = None) -> ChatModel:
-    """A chat model from a GGUF file (default: SmolLM2-135M-Instruct, fetched, or found in the offline mirror),
-    or from a Hugging Face Llama folder with config.json, model.safetensors, tokenizer_config.json and Meta's
-    original/tokenizer.model (what `download_llama_hf` fetches)."""
+    """A model to talk to, with its chat template tried out on one message as it loads (so that a template that
+    fails does so now, in a ValueError naming the file, not at the first message). `source` is
+    - a Llama's GGUF file (default: SmolLM2-135M-Instruct, fetched, or found in the offline mirror);
+    - a Hugging Face Llama folder: config.json, model.safetensors, tokenizer_config.json and Meta's
+      original/tokenizer.model (what `download_llama_hf` fetches);
+    - any model chapter 5 finetunes (`book_chat_model`): a chapter 4 run, an instruct run of chapter 5, a Hugging
+      Face GPT-2 folder, or the name of one of OpenAI's GPT-2s ("gpt2", "gpt2-medium", ...)."""
     path = fetch("smollm2-135m-instruct") if source is None else Path(source)
-    if path.is_dir():
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        specials = special_tokens_from_hf(path / "tokenizer_config.json")
-        tokenizer = BPETokenizer.from_tiktoken(path / "original" / "tokenizer.model", LLAMA3_SPLIT_PATTERN, specials)
-        model = LlamaModel.from_pretrained_hf(path).eval()
-        eos = specials.get(config.get("eos_token")) if isinstance(config.get("eos_token"), str) else None
-        bos = config.get("bos_token") if isinstance(config.get("bos_token"), str) else ""
-        return ChatModel(model, tokenizer, config["chat_template"], end_of_turn_id(specials, eos), {"bos_token": bos})
-    if path.suffix != ".gguf" or not path.is_file():
-        raise FileNotFoundError(f"{path} is neither a .gguf file nor a folder holding a Hugging Face Llama "
-                                f"checkpoint (config.json, model.safetensors, tokenizer_config.json)")
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_chat_model(path)
+    if hf_model_type(path) == "llama":
+        return hf_llama_chat_model(path)
+    if path.is_dir() or str(source) in GPT_CONFIGS:
+        return book_chat_model(str(source))
+    raise FileNotFoundError(f"{path} {'is not a model' if path.exists() else 'does not exist'}: a model is a .gguf "
+                            f"file, a folder (a Hugging Face Llama or GPT-2, a chapter 4 or 5 run) or one of "
+                            f"{', '.join(GPT_CONFIGS)}")
+
+
+def gguf_chat_model(path: Path) -> ChatModel:
+    """A Llama and its tokenizer and chat template, from one GGUF file."""
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -108,22 +221,73 @@ def load_chat_model(source: str | os.PathLike | None = None) -> ChatModel:
     tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
     bos = gguf_metadata(reader, "tokenizer.ggml.bos_token_id", -1)
     eos = gguf_metadata(reader, "tokenizer.ggml.eos_token_id", -1)
-    return ChatModel(LlamaModel.from_gguf(reader), tokenizer, gguf_metadata(reader, "tokenizer.chat_template"),
-                     end_of_turn_id(tokenizer.special_tokens, None if eos < 0 else int(eos)),
-                     {"bos_token": tokens[bos] if bos >= 0 else ""})
+    variables = {"bos_token": tokens[bos] if bos >= 0 else ""}
+    template = checked_template(gguf_metadata(reader, "tokenizer.chat_template"), variables, path)
+    return ChatModel(LlamaModel.from_gguf(reader), tokenizer, template,
+                     end_of_turn_id(tokenizer.special_tokens, None if eos < 0 else int(eos)), variables, str(path))
+
+
+def hf_model_type(path: Path) -> str | None:
+    """The `model_type` a Hugging Face folder's config.json names, or None where there is no such file."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+def hf_llama_chat_model(path: Path) -> ChatModel:
+    """A Hugging Face Llama folder's model, Meta's tokenizer file, and the chat template of tokenizer_config.json."""
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    specials = special_tokens_from_hf(path / "tokenizer_config.json")
+    tokenizer = BPETokenizer.from_tiktoken(path / "original" / "tokenizer.model", LLAMA3_SPLIT_PATTERN, specials)
+    model = LlamaModel.from_pretrained_hf(path).eval()
+    eos = specials.get(config.get("eos_token")) if isinstance(config.get("eos_token"), str) else None
+    variables = {"bos_token": config.get("bos_token") if isinstance(config.get("bos_token"), str) else ""}
+    template = checked_template(config.get("chat_template"), variables, path / "tokenizer_config.json")
+    return ChatModel(model, tokenizer, template, end_of_turn_id(specials, eos), variables, str(path))
+
+
+def book_chat_model(source: str) -> ChatModel:
+    """One of the book's own models, read by chapter 5's `load_base`. A model finetuned in chapter 5 answers in the
+    Alpaca format it learned (`ALPACA_TEMPLATE`); the others (chapter 4's runs, GPT-2) only continue text. Either
+    ends its turn at the tokenizer's <|endoftext|>, if it has one."""
+    base = load_base(source)
+    return ChatModel(base.model.eval(), base.tokenizer, ALPACA_TEMPLATE if base.instructed else None,
+                     base.tokenizer.eot_token, {}, base.source)
+
+
+def checked_template(template, variables: dict, where) -> str | None:
+    """The chat template a model file holds, once it has rendered a one-message conversation: None where there is
+    none (a base model), the "default" one of a list of named templates (as transformers takes it), and a
+    ValueError naming `where` for a template that fails."""
+    if isinstance(template, list):
+        template = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}.get(
+            "default", template)
+    if template is None:
+        return None
+    try:
+        chat_prompt([{"role": "user", "content": "Hello!"}], template, **variables)
+    except ValueError as err:
+        raise ValueError(f"{where}: the chat template cannot be used: {err}") from None
+    return template
 
 
 class TextStream:
     """Token ids in, text out, as they come: a character whose UTF-8 bytes are split over several tokens (an
     emoji, most CJK characters) comes out whole once its last byte has arrived, never as garbage."""
 
-    def __init__(self, tokenizer: BPETokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         """The text that `token` completes (possibly empty)."""
         return self.decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        """The end of the text: the bytes of a character whose last bytes never came, as U+FFFD (or nothing)."""
+        return self.decoder.decode(b"", final=True)
 
 
 @dataclass
@@ -161,6 +325,7 @@ class Chat:
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.system = [] if system is None else [{"role": "system", "content": system}]
         self.messages: list[dict] = []
+        chat_model.check_chat()
         context = chat_model.model.cfg.context_length
         if not 1 <= max_new_tokens < context:
             raise ValueError(f"max_new_tokens must be in 1..{context - 1} (the context holds {context} tokens), "
@@ -171,9 +336,7 @@ class Chat:
         `max_new_tokens` in the context. A ValueError if even the last message alone does not fit."""
         room = self.chat_model.model.cfg.context_length - self.max_new_tokens
         for first in range(0, max(len(self.messages), 1), 2):   # drop the oldest question and answer, again...
-            text = chat_prompt(self.system + self.messages[first:], self.chat_model.template,
-                               **self.chat_model.template_variables)
-            ids = self.chat_model.tokenizer.encode(text, allowed_special="all")
+            ids = self.chat_model.encode(self.system + self.messages[first:])
             if len(ids) <= room:
                 self.messages = self.messages[first:]
                 return ids

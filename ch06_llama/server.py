@@ -20,7 +20,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 # from this chapter's other modules (the exporter writes these imports):
-from ch06_llama.chat import ChatModel, chat_prompt
+from ch06_llama.chat import ChatModel
 from ch06_llama.serving import Engine, QueueFull, Request
 from ch06_llama.webchat import CHAT_PAGE
 
@@ -190,11 +190,13 @@ class Server:
         body = await read_body(http, self.max_body)
         self.check_model(body)
         messages = chat_messages(body)
+        if self.chat_model.template is None:
+            raise ApiError(400, f"{self.name} has no chat template: it continues text, so send it a prompt at "
+                                f"/v1/completions", "model")
         try:
-            text = chat_prompt(messages, self.chat_model.template, **self.chat_model.template_variables)
+            ids = self.chat_model.encode(messages)
         except ValueError as err:                               # the template refuses the conversation
             raise ApiError(400, str(err), "messages") from None
-        ids = self.chat_model.tokenizer.encode(text, allowed_special="all")
         settings = settings_of(body, len(ids), self.context, "messages")
         return await self.answer(http, ids, settings, chat=True)
 
@@ -215,7 +217,7 @@ class Server:
         """Generate for `ids` on the engine, and answer as one JSON object or as a stream of events."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         request = Request(ids, settings.max_tokens, settings.temperature, settings.top_p, seed=settings.seed,
-                          end_ids=frozenset({self.chat_model.end_of_turn}), stop=settings.stop,
+                          end_ids=frozenset({self.chat_model.end_of_turn} - {None}), stop=settings.stop,
                           on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece)),
                           on_finish=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("end", reason)))
         try:

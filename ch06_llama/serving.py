@@ -5,7 +5,6 @@
 a KV cache, letting a request join between two steps and leave as soon as it ends (continuous batching).
 `Request` is one generation, `StopStrings` holds text back while it may be the start of a stop string.
 """
-import codecs
 import collections
 import threading
 import traceback
@@ -17,6 +16,8 @@ from torch import nn
 
 from ch01_tokenization.tokenization import Tokenizer
 from ch03_gpt_model.gpt import DecodingCache, check_sampling, output_layer, sample_next
+# from this chapter's other modules (the exporter writes these imports):
+from ch06_llama.chat import TextStream
 
 
 class StopStrings:
@@ -73,7 +74,7 @@ class Request:
                              f"prompt tokens and {self.max_new_tokens}")
         self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         self.stops = StopStrings(self.stop)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text: TextStream | None = None          # the engine's, made with its tokenizer when it is submitted
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -119,6 +120,7 @@ class Engine:
         with self.changed:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            request.text = TextStream(self.tokenizer)
             self.waiting.append(request)
             self.changed.notify()
 
@@ -246,18 +248,21 @@ class Engine:
         its last token."""
         request.generated.append(token)
         if token in request.end_ids:
-            self.pass_on(request, request.stops.flush())
-            self.finish(request, "stop")
+            self.end(request, "stop")
             return
-        piece = request.decoder.decode(self.tokenizer.decode_bytes([token]))
-        text, stopped = request.stops.push(piece)
+        text, stopped = request.stops.push(request.text.push(token))
         self.pass_on(request, text)
         if stopped:
             self.finish(request, "stop")
         elif request.remaining <= 0:
-            self.pass_on(request, request.stops.push(request.decoder.decode(b"", final=True))[0] +
-                         request.stops.flush())
-            self.finish(request, "length")
+            self.end(request, "length")
+
+    def end(self, request: Request, reason: str) -> None:
+        """Finish `request` for `reason`, passing on the text still held: the last bytes of an unfinished
+        character, and what was held back as the possible start of a stop string (unless it now is one)."""
+        text, stopped = request.stops.push(request.text.flush())
+        self.pass_on(request, text if stopped else text + request.stops.flush())
+        self.finish(request, "stop" if stopped else reason)
 
     @staticmethod
     def pass_on(request: Request, text: str) -> None:

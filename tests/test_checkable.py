@@ -160,8 +160,9 @@ def test_instruct_reward_and_dpo_read_the_checkable_tasks(tmp_path):
 def test_grpo_learns_from_the_checker_on_checkable_tasks_and_refuses_it_elsewhere(tmp_path, capsys):
     assert main(["grpo", "--scale", "smoke", "--base", str(SMALL_BASE), "--data", CHECKABLE_TASKS,
                  "--max-new-tokens", "4", "--out-dir", str(tmp_path / "grpo")]) == 0
-    report = capsys.readouterr().out.strip().splitlines()[-1]
-    assert report.startswith("test exact-match accuracy") and "on 300 problems" in report
+    said, report = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert said == "(the smoke scale reports on 8 of the 300 test examples)"
+    assert report.startswith("test exact-match accuracy") and "on 8 problems" in report
     accuracy = float(report.split()[3].rstrip("%")) / 100
     assert 0 <= accuracy <= 1 and not math.isnan(accuracy)
     cfg = FinetuneConfig.for_task("grpo", data="instruction-preference", reward="exact-answer")

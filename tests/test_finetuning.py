@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -360,6 +361,61 @@ def test_peft_adapter_errors_say_what_is_wrong(tmp_path):
         load_peft_adapter(tiny_gpt(), tmp_path / "a")
 
 
+def test_a_peft_adapter_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    save_peft_adapter(apply_lora(tiny_gpt(seed=1), 2, 4), tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    damages = {"rank": ({"r": 3}, "is (2, 16), but a rank-3 adapter of this model needs (3, 16)"),
+               "targets": ({"target_modules": ["q_proj"]}, "target_modules do not fit the model"),
+               "fewer": ({"target_modules": ["c_attn"]}, "the adapter's tensors do not fit the model: missing [], "
+                                                         "unexpected ['transformer.h.0.attn.c_proj.lora_A.weight'"),
+               "alpha": ({"lora_alpha": "big"}, "lora_alpha ('big') is not supported")}
+    model = tiny_gpt()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for name, (change, message) in damages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(
+            (tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_peft_adapter(model, tmp_path / name)
+        assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())     # as it was
+        assert all(torch.equal(tensor, before[key]) for key, tensor in model.state_dict().items())
+    load_peft_adapter(model, tmp_path / "good")                          # and the right adapter still loads
+    assert len(lora_layers(model)) == 2 * 4
+
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi.", "chosen": "Hi.", "rejected": "No."}
+
+
+@pytest.mark.parametrize("task, content, message", [
+    ("instruct", [], "must hold a non-empty JSON list of objects with instruction, output"),
+    ("instruct", ["Say hi."], "record 0: expected an object with instruction, output, got \"Say hi.\""),
+    ("instruct", [GOOD, {"instruction": None, "output": "x"}], "record 1: 'instruction' must be text, got null"),
+    ("instruct", [{"instruction": "a", "output": 5}], "record 0: 'output' must be text, got 5"),
+    ("instruct", [{"instruction": "a"}], "record 0: it has no 'output'"),
+    ("instruct", [{"instruction": "a", "output": "b", "input": ["x"]}], "record 0: 'input' must be text"),
+    ("instruct", [GOOD] * 10, "10 records cannot be split into 8 to train, 0 to validate"),
+    ("dpo", [{**GOOD, "chosen": []}] * 40, "record 0: 'chosen' must be text, got []"),
+    ("dpo", [{**GOOD, "rejected": "Hi."}] * 40, "every training pair has chosen == rejected"),
+    ("classify", "ham\tHello\nham\tSee you\n", "has no 'spam' messages"),
+    ("classify", "", "has no 'ham' and no 'spam' messages"),
+    ("classify", b"ham\tCaf\xe9\nspam\tWin\n", "is not UTF-8 text (byte 7)"),
+])
+def test_bad_data_is_refused_naming_file_record_and_field_before_the_run_folder_exists(hf_base, tmp_path, task,
+                                                                                       content, message):
+    path = tmp_path / ("data.txt" if task == "classify" else "data.json")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    cfg = FinetuneConfig.for_task(task, data=str(path), base=str(hf_base), max_steps=1, eval_interval=1,
+                                  eval_iters=1, batch_size=2, out_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        finetune(cfg, **QUIET)
+    assert str(path) in str(refused.value) or "records cannot be split" in message
+    assert not (tmp_path / "run").exists()
+
+
 # ---- base models ------------------------------------------------------------------------------------------
 
 def test_load_base_reads_hf_folders_and_chapter_4_runs(hf_base, tmp_path):
@@ -405,6 +461,32 @@ def test_finetune_config_refuses_bad_settings(tmp_path):
         assert err.value.field == field
 
 
+def test_a_lora_rank_as_wide_as_a_layer_and_a_gae_lambda_over_1_are_refused(hf_base, tmp_path):
+    with pytest.raises(ConfigError, match="must be from 0 to 1") as err:
+        FinetuneConfig.for_task("ppo", gae_lambda=5.0)
+    assert err.value.field == "gae_lambda"
+    cfg = spam_config(tmp_path, base=str(hf_base), max_steps=1, eval_interval=1, eval_iters=1, lora_rank=16)
+    with pytest.raises(ConfigError, match="must be below 16, the smaller side of the narrowest layer") as err:
+        finetune(cfg, **QUIET)                                 # the tiny base is 16 wide
+    assert err.value.field == "lora_rank"
+    assert finetune(replace(cfg, lora_rank=2), **QUIET)["step"] == 1        # and the same folder then runs
+
+
+def test_arithmetic_text_makes_the_folder_it_writes_into(tmp_path, capsys):
+    from ch05_finetuning.__main__ import main
+    assert main(["arithmetic-text", str(tmp_path / "new" / "folder" / "sums.txt")]) == 0
+    assert (tmp_path / "new" / "folder" / "sums.txt").read_text().count("\n") > 1000
+
+
+def test_a_smoke_run_reports_on_a_few_test_examples_not_all(hf_base, tmp_path, capsys):
+    from ch05_finetuning.__main__ import SMOKE_TEST_EXAMPLES, main
+    assert main(["instruct", "--scale", "smoke", "--base", str(hf_base), "--data", "instruction-data",
+                 "--out-dir", str(tmp_path), "--max-steps", "1", "--eval-interval", "1"]) == 0
+    answers = json.loads((tmp_path / "test-responses.json").read_text())
+    assert len(answers) == SMOKE_TEST_EXAMPLES < 110
+    assert f"reports on {SMOKE_TEST_EXAMPLES} of the 110 test examples" in capsys.readouterr().out
+
+
 def test_classifier_finetuning_learns_resumes_exactly_and_reloads(hf_base, tmp_path):
     base = load_base(str(hf_base))
     cfg = spam_config(tmp_path, base=str(hf_base), max_steps=16, epochs=0.0)
@@ -442,6 +524,9 @@ def test_lora_instruction_finetuning_runs_by_epochs_and_masks(hf_base, tmp_path)
     model, tokenizer, saved = load_finetuned(tmp_path / "instruct")
     ids = torch.tensor([tokenizer.encode("Hello")])
     torch.testing.assert_close(model(ids), result["model"].eval()(ids))
+    from ch04_pretraining.runs import load_run
+    with pytest.raises(ValueError, match="is a chapter 5 instruct run, not a chapter 4 one"):
+        load_run(tmp_path / "instruct")                         # (what `ch04_pretraining sample` reads)
 
 
 def test_example_batches_walk_epochs_and_split_micro_batches(tmp_path):

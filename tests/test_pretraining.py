@@ -50,6 +50,7 @@ from ch04_pretraining.runs import CheckpointError, load_checkpoint, load_run, re
 from shared.config import ConfigError
 from shared.data import fetch
 from shared.network import free_port
+from shared.timing import TickingClock
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, context_length=16)
@@ -534,17 +535,6 @@ def test_steps_within_budget():
     assert steps_within_budget(40, 100.0, 50, 10, 100, 5000) == 41               # never before the next step
 
 
-class TickingClock:
-    """A clock that moves `tick` seconds every time it is read: the run's timing is the same on any machine."""
-
-    def __init__(self, tick: float):
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
 def test_time_budget_fits_the_schedule_and_resume_keeps_it(tmp_path):
     lines = []
     cfg = tiny_config(tmp_path, max_steps=1_000_000, eval_interval=100_000, time_budget_min=0.05)
@@ -732,6 +722,47 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(CheckpointError,
                                                   match="(?s)no readable checkpoint.*ckpt-0000016.pt: "):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("pointer", ['{"step": "8"}', '{"step": null}', '{"step": "../elsewhere"}', '{"step": true}',
+                                     '{"step": 99}', '[8]', 'not json'])
+def test_a_broken_latest_json_falls_back_to_the_files(tmp_path, pointer):
+    train(tiny_config(tmp_path), **QUIET)
+    (tmp_path / "latest.json").write_text(pointer)
+    assert load_checkpoint(tmp_path)[1]["step"] == 12                  # the newest checkpoint on disk
+
+
+@pytest.mark.parametrize("config", ["not json", "[1, 2]", None])
+def test_a_resume_whose_config_json_is_broken_or_gone_takes_the_checkpoints_settings(tmp_path, config):
+    train(tiny_config(tmp_path, n_layer=1), **QUIET)
+    if config is None:
+        (tmp_path / "config.json").unlink()
+    else:
+        (tmp_path / "config.json").write_text(config)
+    with pytest.warns(UserWarning, match="config.json cannot be read .*checkpoint of step 12"):
+        cfg, resume, _ = parse_args(["--out-dir", str(tmp_path), "--resume", "--max-steps", "14"])
+    assert resume and cfg.model["n_layer"] == 1 and cfg.max_steps == 14
+
+
+def test_a_bad_saved_setting_a_file_for_a_folder_and_another_chapters_run_are_one_line_each(tmp_path, capsys):
+    train(tiny_config(tmp_path / "run"), **QUIET)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "lr": -1}))
+    with pytest.raises(SystemExit):
+        parse_args(["--out-dir", str(tmp_path / "run"), "--resume"])
+    assert "the settings saved in" in capsys.readouterr().err
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "task": "instruct"}))
+    with pytest.raises(SystemExit):
+        parse_args(["--out-dir", str(tmp_path / "run"), "--resume"])
+    assert "is a chapter 5 instruct run: resume it with python -m ch05_finetuning instruct" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="file is a file, not a folder"):
+        train(tiny_config(tmp_path / "file"), **QUIET)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    from ch05_finetuning.__main__ import parse_args as finetune_args
+    with pytest.raises(SystemExit):
+        finetune_args(["classify", "--out-dir", str(tmp_path / "run"), "--resume"])
+    assert "is a chapter 4 pretraining run, not a classify run" in capsys.readouterr().err
 
 
 def test_load_run_and_the_sample_command(tmp_path):
@@ -1020,3 +1051,34 @@ def test_notebook_helpers_take_the_device_from_the_model(tmp_path):
         out = generate(model, prompt, 5, top_k=3, generator=torch.Generator(device=device).manual_seed(0))
     assert math.isfinite(losses["val"]) and hellaswag["n"] == 1 and per_char > 0
     assert maps.shape == (1, 2, 12, 12) and out.shape == (1, 11)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, a disk a test can fill. Mounting needs root: elsewhere the test is skipped, saying so."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is made by mounting a small tmpfs, which needs root")
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_full_disk_is_one_line_leaves_no_half_checkpoint_and_the_run_resumes(small_disk, capsys):
+    run = small_disk / "run"
+    train(tiny_config(run, max_steps=4), **QUIET)
+    free = shutil.disk_usage(small_disk).free
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(free - 200_000))                    # room for the metrics, not for a checkpoint
+    assert run_or_report(lambda: train(tiny_config(run, max_steps=12), resume=True, **QUIET)) is None
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: the disk holding") and "is full" in message and "\n" not in message
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-0000000.pt", "ckpt-0000000.safetensors",
+                                                          "ckpt-0000004.pt", "ckpt-0000004.safetensors"]
+    assert json.loads((run / "latest.json").read_text())["step"] == 4 and not list(run.glob(".*.tmp"))
+    filler.unlink()                                              # space again: the run goes on from step 4
+    assert train(tiny_config(run, max_steps=12), resume=True, **QUIET)["step"] == 12

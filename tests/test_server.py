@@ -1,5 +1,6 @@
 """Chapter 6's server: the engine's continuous batching against `generate` alone, and the HTTP API driven by
 OpenAI's own client: answers, streams, every bad input, a full line, a client that leaves, and a bounded load."""
+import contextlib
 import json
 import os
 import shutil
@@ -368,12 +369,72 @@ def test_32_clients_for_a_bounded_time_get_whole_answers_or_503_and_memory_comes
         assert after - before < 100                       # no cache or request kept: memory back near its start
 
 
+# ---- the book's own models: chapter 4's runs, chapter 5's instruct runs, GPT-2 ------------------------------
+
+@pytest.fixture(scope="module")
+def book_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-2 as a Hugging Face folder, a 2-step chapter 4 run, and a 1-step chapter 5 instruct run on it."""
+    from ch03_gpt_model.gpt import GPTConfig, GPTModel
+    from ch04_pretraining.config import TrainConfig
+    from ch04_pretraining.pretraining import train
+    from ch05_finetuning.finetuning import FinetuneConfig, finetune
+
+    root, quiet = tmp_path_factory.mktemp("book"), dict(log=lambda message: None, progress=False)
+    torch.manual_seed(0)
+    gpt2 = GPTModel(GPTConfig(vocab_size=50257, context_length=128, n_layer=2, n_head=2, n_embd=16))
+    gpt2.save_pretrained_hf(root / "gpt2")
+    train(TrainConfig(data="the-verdict", tokenizer="gpt2", model=dict(n_layer=1, n_head=2, n_embd=16,
+                      context_length=64), max_steps=2, eval_interval=2, eval_iters=1, batch_size=2,
+                      out_dir=str(root / "run")), **quiet)
+    finetune(FinetuneConfig.for_task("instruct", data="instruction-data", base=str(root / "gpt2"), batch_size=2,
+                                     max_steps=1, eval_interval=1, eval_iters=1, out_dir=str(root / "instruct")),
+             **quiet)
+    return {"gpt2": root / "gpt2", "run": root / "run", "instruct": root / "instruct"}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "run", "instruct"])
+def test_the_books_own_models_serve_completions_and_an_instruct_run_chats_in_its_alpaca_format(book_models, kind):
+    from ch05_finetuning.instructions import alpaca_prompt
+    from ch06_llama.chat import ALPACA_TEMPLATE, Chat, load_chat_model
+    chat_model = load_chat_model(book_models[kind])
+    model, tokenizer = chat_model.model, chat_model.tokenizer
+    assert chat_model.end_of_turn == tokenizer.eot_token == 50256 and str(book_models[kind]) in chat_model.source
+
+    def greedy(ids: list[int], tokens: int) -> str:
+        out = generate(model, torch.tensor([ids]), tokens, temperature=0, eos_id=chat_model.end_of_turn)
+        return tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != chat_model.end_of_turn])
+
+    with Running(create_app(chat_model, kind)) as running:
+        client = running.client()
+        completion = client.completions.create(model=kind, prompt="I had always", temperature=0, max_tokens=6)
+        assert completion.choices[0].text == greedy(tokenizer.encode("I had always"), 6)
+        question = [{"role": "user", "content": "Name a primary colour."}]
+        if kind != "instruct":
+            assert chat_model.template is None
+            with pytest.raises(ValueError, match="has no chat template: it continues text"):
+                Chat(chat_model)
+            with pytest.raises(openai.BadRequestError, match="has no chat template") as info:
+                client.chat.completions.create(model=kind, messages=question, max_tokens=5)
+            assert info.value.body["param"] == "model"
+            return
+        assert chat_model.template == ALPACA_TEMPLATE
+        prompt = alpaca_prompt({"instruction": question[0]["content"]})
+        assert chat_model.encode(question) == tokenizer.encode(prompt)       # the format chapter 5 trained it on
+        answer = client.chat.completions.create(model=kind, messages=question, temperature=0, max_tokens=6)
+        assert answer.choices[0].message.content == greedy(tokenizer.encode(prompt), 6)
+        assert Chat(chat_model, temperature=0, max_new_tokens=6).reply(question[0]["content"]).text == \
+            answer.choices[0].message.content
+
+
 # ---- the command line, with the real model ----------------------------------------------------------------
 
-def test_serve_with_the_smollm2_gguf_file_answers_the_openai_client():
-    port, path = free_port(), fetch("smollm2-135m-instruct")
-    process = subprocess.Popen([sys.executable, "-m", "ch06_llama", "serve", "--model", str(path), "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def serving(model: Path):
+    """`python -m ch06_llama serve --model MODEL` on a free port, and an openai client once it answers, with the
+    name it serves. It is stopped with SIGTERM, and must end without a traceback."""
+    port = free_port()
+    command = [sys.executable, "-m", "ch06_llama", "serve", "--model", str(model), "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         deadline = time.monotonic() + 120
@@ -384,13 +445,28 @@ def test_serve_with_the_smollm2_gguf_file_answers_the_openai_client():
             except openai.APIConnectionError:
                 assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
                 time.sleep(0.2)
-        question = [{"role": "user", "content": "What is the capital of France?"}]
-        answer = client.chat.completions.create(model=name, temperature=0, max_tokens=20, messages=question)
-        assert name == path.stem and "Paris" in answer.choices[0].message.content      # named after its file
+        yield client, name
     finally:
         process.terminate()                       # uvicorn shuts down, then ends by the signal it was sent
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Traceback" not in process.stdout.read()
+
+
+def test_serve_with_the_smollm2_gguf_file_answers_the_openai_client():
+    path = fetch("smollm2-135m-instruct")
+    with serving(path) as (client, name):
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = client.chat.completions.create(model=name, temperature=0, max_tokens=20, messages=question)
+        assert name == path.stem and "Paris" in answer.choices[0].message.content      # named after its file
+
+
+def test_a_chapter_4_run_is_served_for_completions_and_refused_for_chat(book_models):
+    with serving(book_models["run"]) as (client, name):
+        completion = client.completions.create(model=name, prompt="I had always", max_tokens=5, seed=1)
+        assert name == "run" and completion.usage.completion_tokens <= 5 and completion.choices[0].text
+    chat = subprocess.run([sys.executable, "-m", "ch06_llama", "chat", "--model", str(book_models["run"])], input="",
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 2 and "has no chat template: it continues text" in chat.stderr
 
 
 # ---- the web chat, in a real browser ---------------------------------------------------------------------
