@@ -41,7 +41,7 @@ def start(command: list[str], port: int) -> tuple[subprocess.Popen, openai.OpenA
         try:
             client.models.list()
             return process, client
-        except openai.APIConnectionError:
+        except (openai.APIConnectionError, openai.InternalServerError):     # not listening, or 503 while loading
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{command[0]} did not start: {process.stderr.read()[-2000:]}") from None
             time.sleep(0.2)
@@ -81,14 +81,15 @@ def main() -> None:
     path = args.model or fetch("smollm2-135m-instruct")
     most = max(args.clients)
     servers = {}
-    ours_port = free_port()
-    servers["ours"] = start([sys.executable, "-m", "ch06_llama", "serve", "--model", str(path), "--port",
-                             str(ours_port), "--max-batch", str(most)], ours_port)
-    if args.llama_server:
-        port = free_port()
-        servers["llama.cpp"] = start([str(args.llama_server), "-m", str(path), "--port", str(port), "--parallel",
-                                      str(most), "--ctx-size", str(most * (args.tokens + 64))], port)
     try:
+        ours_port = free_port()
+        servers["ours"] = start([sys.executable, "-m", "ch06_llama", "serve", "--model", str(path), "--port",
+                                 str(ours_port), "--max-batch", str(most)], ours_port)
+        if args.llama_server:
+            port = free_port()
+            servers["llama.cpp"] = start([str(args.llama_server), "-m", str(path), "--port", str(port),
+                                          "--parallel", str(most), "--ctx-size", str(most * (args.tokens + 64))],
+                                         port)
         names = {name: client.models.list().data[0].id for name, (_, client) in servers.items()}
         settings = [(f"{n} at once", n, False) for n in args.clients] + [(f"{most} one at a time", most, True)]
         rates = {(server, label): [] for server in servers for label, _, _ in settings}
@@ -115,7 +116,11 @@ def main() -> None:
     finally:
         for process, _ in servers.values():
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:             # llama-server may wait for its slots to drain
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":
