@@ -134,25 +134,38 @@ def chat(args: argparse.Namespace) -> int:
     except (DataUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"{PROG} chat: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} chat: interrupted while the model was loading", file=sys.stderr)
+        return 130
     if not args.no_pack:
         pack_for_decoding(chat_model.model)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chatting with the model; Ctrl-C stops an answer, Ctrl-D (or Ctrl-C here) leaves, /reset forgets.")
-    for message in messages(interactive):
-        if message == "/reset":
-            session.reset()
-            print("(conversation forgotten)", file=sys.stderr)
-            continue
-        try:
-            turn = session.reply(message, on_text=lambda piece: print(piece, end="", flush=True))
-        except ValueError as err:                          # too long for the context, or refused by the template
-            print(f"({err})", file=sys.stderr)
-            continue
-        print(" [interrupted]" if turn.interrupted else "")
-        first = "" if turn.first_token_seconds is None else f", first after {1e3 * turn.first_token_seconds:.0f} ms"
-        print(f"[{turn.tokens} tokens{first}, {turn.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
+    try:
+        for message in messages(interactive):
+            answer(session, message)
+    except UnicodeDecodeError as err:
+        print(f"{PROG} chat: the input is not UTF-8 text ({err.reason}: {err.object[err.start:err.end]!r}); "
+              f"type or send UTF-8", file=sys.stderr)
+        return 2
     return 0
+
+
+def answer(session: Chat, message: str) -> None:
+    """One message: `/reset`, or an answer streamed to standard output, then its speed to standard error."""
+    if message == "/reset":
+        session.reset()
+        print("(conversation forgotten)", file=sys.stderr)
+        return
+    try:
+        turn = session.reply(message, on_text=lambda piece: print(piece, end="", flush=True))
+    except ValueError as err:                              # too long for the context, or refused by the template
+        print(f"({err})", file=sys.stderr)
+        return
+    print(" [interrupted]" if turn.interrupted else "")
+    first = "" if turn.first_token_seconds is None else f", first after {1e3 * turn.first_token_seconds:.0f} ms"
+    print(f"[{turn.tokens} tokens{first}, {turn.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
 
 
 def served_name(model: str | None) -> str:
@@ -174,6 +187,9 @@ def serve(args: argparse.Namespace) -> int:
     except (DataUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"{PROG} serve: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} serve: interrupted while the model was loading", file=sys.stderr)
+        return 130
     if not args.no_pack:
         pack_for_decoding(chat_model.model)
     name = served_name(args.model)

@@ -231,3 +231,22 @@ def test_a_message_that_types_special_tokens_gets_text_not_control_tokens(smollm
 
 def contains(ids: list[int], part: list[int]) -> bool:
     return any(ids[k:k + len(part)] == part for k in range(len(ids) - len(part) + 1))
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from ch06_llama import __main__ as cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "open_model", interrupted)
+    for command in ("chat", "serve"):
+        assert cli.main([command]) == 130
+        assert capsys.readouterr().err == f"python -m ch06_llama {command}: interrupted while the model was loading\n"
+
+
+def test_input_that_is_not_utf8_is_one_line_not_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "ch06_llama", "chat", "--max-new-tokens", "4"],
+                            input="caf\u00e9\n".encode("latin-1"), capture_output=True, timeout=300,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "the input is not UTF-8 text" in err and "Traceback" not in err, err[-2000:]
