@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ch06_llama.chat import Chat, load_chat_model
+from ch06_llama.chat import Chat, ChatModel, load_chat_model
 from ch06_llama.checkpoints import download_llama_hf
 from ch06_llama.decoding import pack_for_decoding
 from shared.config import BriefParser
@@ -123,20 +123,33 @@ def messages(interactive: bool):
             yield line.strip()
 
 
-def chat(args: argparse.Namespace) -> int:
+def load(command: str, args: argparse.Namespace) -> tuple[ChatModel | None, int]:
+    """(the model `--model` names, on `--device`, 0), or (None, the exit code) once a failure to load it is
+    printed as one line: 2 for a model that cannot be had, 130 for Ctrl-C."""
     try:
-        device = get_device(args.device)
+        device = get_device(args.device)                   # a bad --device is said before the model loads
         chat_model = open_model(args.model)
         chat_model.model.to(device)
+        return chat_model, 0
+    except (DataUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"{PROG} {command}: {err}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted while the model was loading", file=sys.stderr)
+        return None, 130
+
+
+def chat(args: argparse.Namespace) -> int:
+    chat_model, failed = load("chat", args)
+    if chat_model is None:
+        return failed
+    try:
         session = Chat(chat_model, system=args.system, temperature=args.temperature, top_k=args.top_k,
                        top_p=None if args.top_p >= 1 else args.top_p, max_new_tokens=args.max_new_tokens,
                        seed=args.seed)
-    except (DataUnavailableError, FileNotFoundError, ValueError) as err:
+    except ValueError as err:                              # no chat template, or no room for an answer
         print(f"{PROG} chat: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG} chat: interrupted while the model was loading", file=sys.stderr)
-        return 130
     if not args.no_pack:
         pack_for_decoding(chat_model.model)
     interactive = sys.stdin.isatty()
@@ -180,16 +193,9 @@ def serve(args: argparse.Namespace) -> int:
 
     from ch06_llama.server import create_app
 
-    try:
-        device = get_device(args.device)
-        chat_model = open_model(args.model)
-        chat_model.model.to(device)
-    except (DataUnavailableError, FileNotFoundError, ValueError) as err:
-        print(f"{PROG} serve: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG} serve: interrupted while the model was loading", file=sys.stderr)
-        return 130
+    chat_model, failed = load("serve", args)
+    if chat_model is None:
+        return failed
     if not args.no_pack:
         pack_for_decoding(chat_model.model)
     name = served_name(args.model)
