@@ -584,10 +584,20 @@ class BPETokenizer(Tokenizer):
         tokenizer.json and of GGUF. Merge k must make a token with a higher id than merge k - 1 made, so that
         merging by lowest id (this class's rule, and tiktoken's) is merging in training order."""
         byte_of = {char: b for b, char in bytes_to_unicode().items()}
-        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in tokens.items()}
+
+        def as_bytes(token: str, where: str) -> bytes:
+            if not isinstance(token, str) or not token or any(c not in byte_of for c in token):
+                raise ValueError(f"{where}: {token!r} is not spelled in GPT-2's byte characters "
+                                 f"(bytes_to_unicode): this is not a byte-level BPE vocabulary")
+            return bytes(byte_of[c] for c in token)
+
+        ranks = {as_bytes(tok, f"token {i}"): i for tok, i in tokens.items()}
         pairs, made = [], -1
         for k, line in enumerate(merges):
-            left, right = (bytes(byte_of[c] for c in part) for part in line.split(" "))
+            parts = line.split(" ") if isinstance(line, str) else []
+            if len(parts) != 2:
+                raise ValueError(f"merge {k} ({line!r}) is not two tokens separated by one space")
+            left, right = (as_bytes(part, f"merge {k} ({line!r})") for part in parts)
             new = ranks.get(left + right)
             if left not in ranks or right not in ranks or new is None or new <= made:
                 raise ValueError(f"merge {k} ({line!r}) does not make a token with a higher id than merge "
@@ -620,25 +630,31 @@ class BPETokenizer(Tokenizer):
         open `gguf.GGUFReader`. Needs the `gguf` package."""
         import gguf
 
-        fields = (path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)).fields
+        reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
+        fields, where = reader.fields, getattr(reader.data, "filename", None) or path     # the file's name
 
         def value(key: str):
             if key not in fields:
-                raise ValueError(f"{path} has no {key!r} in its metadata")
+                raise ValueError(f"{where} has no {key!r} in its metadata")
             return fields[key].contents()
 
         if value("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{path} holds a {value('tokenizer.ggml.model')!r} tokenizer, not byte-level BPE "
+            raise ValueError(f"{where} holds a {value('tokenizer.ggml.model')!r} tokenizer, not byte-level BPE "
                              f"('gpt2')")
         pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else "gpt-2"
         if pre not in GGUF_SPLIT_PATTERNS:
-            raise ValueError(f"{path} splits text the way {pre!r} does, which this tokenizer does not know; "
+            raise ValueError(f"{where} splits text the way {pre!r} does, which this tokenizer does not know; "
                              f"known: {sorted(GGUF_SPLIT_PATTERNS)}")
-        kinds = value("tokenizer.ggml.token_type")
+        names, kinds = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+        if len(names) != len(kinds):
+            raise ValueError(f"{where} lists {len(names):,} tokens but {len(kinds):,} token types")
         tokens, specials = {}, {}
-        for i, (token, kind) in enumerate(zip(value("tokenizer.ggml.tokens"), kinds)):
+        for i, (token, kind) in enumerate(zip(names, kinds)):
             (specials if kind in (GGUF_CONTROL, GGUF_USER_DEFINED) else tokens)[token] = i
-        return cls.from_byte_level(tokens, value("tokenizer.ggml.merges"), specials, GGUF_SPLIT_PATTERNS[pre])
+        try:
+            return cls.from_byte_level(tokens, value("tokenizer.ggml.merges"), specials, GGUF_SPLIT_PATTERNS[pre])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 # The split patterns of other tokenizers (facts from their sources: tiktoken's cl100k_base, Meta's Llama 3).

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,8 +200,16 @@ class GPTModel(nn.Module):
         """Load a Hugging Face GPT-2 checkpoint: a directory (config.json + model.safetensors), the
         safetensors file itself, or a preset name ("gpt2", ...) to fetch from huggingface.co."""
         weights, cfg = resolve_hf_checkpoint(path, cfg)
+        hf_tensors = load_file(weights)
+        try:
+            check_block_count(hf_tensors, cfg.n_layer)
+            with torch.device("meta"):              # shapes only: a damaged config takes no memory
+                expected = cls(cfg).state_dict()
+            tensors = state_dict_from_hf(hf_tensors, expected, cfg.tie_embeddings)
+        except ValueError as err:
+            raise ValueError(f"{weights}: {err}") from None
         model = cls(cfg)
-        model.load_state_dict(state_dict_from_hf(load_file(weights), model.state_dict(), cfg.tie_embeddings))
+        model.load_state_dict(tensors)
         return model
 
     def save_pretrained_hf(self, directory: str | os.PathLike) -> Path:
@@ -776,6 +784,15 @@ def state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], expected: dict[str, 
         ours["lm_head.weight"] = ours["transformer.wte.weight"]
     check_state_dict(ours, expected, "GPTModel")
     return ours
+
+
+def check_block_count(names: Iterable[str], n_layer: int) -> None:
+    """A ValueError unless the tensor `names` hold blocks 0 .. n_layer - 1 (the 3 of "transformer.h.3.attn.c_attn"):
+    checked before a model of n_layer blocks is built. Even on the meta device, a damaged count of 100,000 blocks
+    would take minutes and gigabytes of modules before `check_state_dict` could compare them."""
+    blocks = {int(i) for name in names for i in re.findall(r"\.(\d+)\.", name)}
+    if blocks != set(range(n_layer)):
+        raise ValueError(f"the settings say {n_layer:,} blocks, but the weights hold {len(blocks):,}")
 
 
 def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> None:

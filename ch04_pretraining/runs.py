@@ -11,6 +11,7 @@ import pickle
 import shutil
 import socket
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch01_tokenization.tokenization import CharTokenizer, Tokenizer
+from ch03_gpt_model.gpt import check_block_count, check_state_dict
 from shared.config import ConfigError
-from shared.files import atomic_write
+from shared.files import DiskFullError, atomic_write, disk_full
 # from this chapter's other modules (the exporter writes these imports):
 from ch04_pretraining.config import TrainConfig, model_settings
 from ch04_pretraining.distributed import on_main_process
@@ -271,16 +273,28 @@ def save_sharded_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, st
     partial = path.with_name(path.name + ".partial")
     device = next(model.parameters()).device
     on_main_process(lambda: shutil.rmtree(partial, ignore_errors=True), main, True, device)
-    if optimizer.state:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
-    else:           # before the first step the optimizer has no state (get_state_dict would make one by stepping it)
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=partial)
+    try:
+        if optimizer.state:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+        else:       # before the first step the optimizer has no state (get_state_dict would make one by stepping it)
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=partial)
+    except BaseException as err:              # (dcp's CheckpointException is a BaseException)
+        shutil.rmtree(partial, ignore_errors=True)         # half-written shards are no checkpoint, and take space
+        if not isinstance(err, KeyboardInterrupt) and disk_full(err, out_dir):
+            raise DiskFullError(f"the disk holding {out_dir} is full: the shards of step {step} need more room; "
+                                f"free some space and run again") from None
+        raise
 
     def complete():
         shutil.rmtree(path, ignore_errors=True)            # a later run's, from before this one was resumed
         os.replace(partial, path)
-        record_checkpoint(out_dir, step, cfg, data, None, path, keep)
+        try:
+            record_checkpoint(out_dir, step, cfg, data, None, path, keep)
+        except BaseException:                  # shards without their state are no checkpoint
+            if pointed_step(out_dir) != step:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
     on_main_process(complete, main, True, device)
     return path
@@ -331,13 +345,13 @@ def read_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def tied_names(model: nn.Module) -> set[str]:
     """Names in the state dict of tensors that an earlier name already holds: a tied output layer is the
-    token embedding, and is saved once, under the embedding's name."""
+    token embedding (the same Parameter), and is saved once, under the embedding's name. Works on the meta
+    device too, where no tensor has storage to compare."""
     seen, tied = set(), set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
             tied.add(name)
-        seen.add(key)
+        seen.add(id(tensor))
     return tied
 
 
@@ -348,6 +362,27 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"the checkpoint does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
+
+
+def model_with_weights(build: Callable[[], nn.Module], n_layer: int, weights: dict[str, torch.Tensor],
+                       where) -> nn.Module:
+    """`build()`'s model (of `n_layer` blocks) holding a checkpoint's `weights`, once the weights have been found
+    to hold that many blocks, and the same model built on the meta device (shapes only, no memory) to have their
+    names and shapes. A config damaged into a width of a million or 100,000 blocks is then a CheckpointError
+    naming `where`, not an attempt to allocate terabytes."""
+    try:
+        check_block_count(weights, n_layer)
+        with torch.device("meta"):
+            skeleton = build()
+        tied = tied_names(skeleton)
+        expected = {name: t for name, t in skeleton.state_dict().items() if name in weights or name not in tied}
+        check_state_dict(weights, expected, type(skeleton).__name__)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: the run's settings do not describe its weights ({err}); its checkpoint "
+                              f"is damaged") from None
+    model = build()
+    load_weights(model, weights)
+    return model
 
 
 # ---- What a run writes down ------------------------------------------------------------------------------
@@ -427,8 +462,8 @@ def load_run(out_dir: str | Path, device="cpu") -> tuple[nn.Module, Tokenizer, d
                          f"ch05_finetuning's load_finetuned")
     cfg = TrainConfig.from_dict(state["config"])
     tokenizer = Tokenizer.load(Path(out_dir) / TOKENIZER_FILE)
-    model = cfg.build_model(tokenizer.n_vocab)
-    load_weights(model, weights)
+    model = model_with_weights(lambda: cfg.build_model(tokenizer.n_vocab), cfg.model_config(tokenizer.n_vocab).n_layer,
+                               weights, out_dir)
     return model.to(device).eval(), tokenizer, state
 
 

@@ -51,7 +51,7 @@ from ch04_pretraining.runs import (
     checkpoint_paths,
     load_checkpoint,
     load_run,
-    load_weights,
+    model_with_weights,
     read_run_config,
 )
 from shared.config import ConfigError, knob
@@ -517,8 +517,8 @@ def load_finetuned(out_dir: str | Path, device="cpu") -> tuple[nn.Module, Tokeni
     weights, state = load_checkpoint(out_dir)
     cfg = FinetuneConfig.from_dict(state["config"])
     tokenizer = Tokenizer.load(Path(out_dir) / TOKENIZER_FILE)
-    model = wrap_for_task(cfg, cfg.build_model(tokenizer.n_vocab), tokenizer)
-    load_weights(model, weights)
+    model = model_with_weights(lambda: wrap_for_task(cfg, cfg.build_model(tokenizer.n_vocab), tokenizer),
+                               cfg.model_config(tokenizer.n_vocab).n_layer, weights, out_dir)
     return model.to(device).eval(), tokenizer, cfg
 
 

@@ -29,7 +29,7 @@ from ch05_finetuning.finetuning import load_base
 from ch05_finetuning.instructions import alpaca_prompt
 from shared.data import fetch
 # from this chapter's other modules (the exporter writes these imports):
-from ch06_llama.checkpoints import gguf_metadata, special_tokens_from_hf
+from ch06_llama.checkpoints import gguf_metadata, read_gguf, special_tokens_from_hf
 from ch06_llama.llama import LlamaModel
 
 TEMPLATE_SECONDS = 1.0           # a chat template renders in about a millisecond; one still running is cut off
@@ -214,17 +214,29 @@ def load_chat_model(source: str | os.PathLike | None = None) -> ChatModel:
 
 def gguf_chat_model(path: Path) -> ChatModel:
     """A Llama and its tokenizer and chat template, from one GGUF file."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
     tokenizer = BPETokenizer.from_gguf(reader)
     tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
-    bos = gguf_metadata(reader, "tokenizer.ggml.bos_token_id", -1)
-    eos = gguf_metadata(reader, "tokenizer.ggml.eos_token_id", -1)
-    variables = {"bos_token": tokens[bos] if bos >= 0 else ""}
+    bos, eos = (gguf_token_id(reader, f"tokenizer.ggml.{name}_token_id", len(tokens)) for name in ("bos", "eos"))
+    variables = {"bos_token": "" if bos is None else tokens[bos]}
     template = checked_template(gguf_metadata(reader, "tokenizer.chat_template"), variables, path)
-    return ChatModel(LlamaModel.from_gguf(reader), tokenizer, template,
-                     end_of_turn_id(tokenizer.special_tokens, None if eos < 0 else int(eos)), variables, str(path))
+    model = LlamaModel.from_gguf(reader)
+    if len(tokens) > model.cfg.vocab_size:
+        raise ValueError(f"{path}: its tokenizer has {len(tokens):,} tokens, but its model embeds only "
+                         f"{model.cfg.vocab_size:,}")
+    return ChatModel(model, tokenizer, template, end_of_turn_id(tokenizer.special_tokens, eos), variables, str(path))
+
+
+def gguf_token_id(reader, key: str, vocab_size: int) -> int | None:
+    """The token id a GGUF file's metadata gives under `key` (None where it gives none), or a ValueError naming
+    the file where the id is not one of its `vocab_size` tokens."""
+    value = gguf_metadata(reader, key, -1)
+    if value == -1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"{reader.data.filename}: its {key} is {value!r}, but its tokens are numbered 0 to "
+                         f"{vocab_size - 1:,}")
+    return value
 
 
 def hf_model_type(path: Path) -> str | None:
@@ -330,6 +342,11 @@ class Chat:
         if not 1 <= max_new_tokens < context:
             raise ValueError(f"max_new_tokens must be in 1..{context - 1} (the context holds {context} tokens), "
                              f"got {max_new_tokens}")
+        taken, room = len(chat_model.encode(self.system + [{"role": "user", "content": ""}])), context - max_new_tokens
+        if self.system and taken >= room:                 # no message would fit: say so now, naming the system's
+            raise ValueError(f"the system message takes {taken} tokens with the template, but only {room} fit in "
+                             f"the context before the answer, with a message still to come; shorten it, or lower "
+                             f"max_new_tokens")
 
     def prompt_ids(self) -> list[int]:
         """The conversation, rendered and encoded, with the oldest exchanges dropped until it leaves room for

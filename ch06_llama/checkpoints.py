@@ -7,13 +7,16 @@
 - Hugging Face: `config_from_hf`, `hf_config_dict`, `state_dict_from_hf`, `safetensors_files`;
   `download_llama_hf`, `special_tokens_from_hf`.
 - llama.cpp's GGUF: `dequantize_q8_0`, `dequantize_q4_1`, `quantize_q4_1` (4-bit blocks, from scratch),
-  `gguf_tensor`, `gguf_metadata`, `gguf_rope_divisors`, `config_from_gguf`, `state_dict_from_gguf`.
+  `read_gguf`, `gguf_tensor`, `gguf_metadata`, `gguf_rope_divisors`, `config_from_gguf`, `state_dict_from_gguf`.
 """
 import json
 import os
+import re
+import struct
 from dataclasses import asdict
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -24,12 +27,23 @@ from ch06_llama.layers import LlamaConfig, RopeScaling, interleaved_to_half
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards its index lists."""
+    """model.safetensors, or the shards its index lists. A ValueError for an index that is not a JSON object with a
+    `weight_map` of file names, or that names a file outside `directory` (`../elsewhere/x.safetensors`, `/etc/x`):
+    a model folder reads only its own files."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not an index of shards (a JSON object whose 'weight_map' maps tensor "
+                             f"names to file names): {type(err).__name__}: {err}") from None
+        folder = Path(os.path.normpath(directory))
+        for shard in shards:        # judged by the name, not by where a link leads (the Hugging Face cache's are links)
+            if not isinstance(shard, str) or not Path(os.path.normpath(directory / shard)).is_relative_to(folder):
+                raise ValueError(f"{index} names the shard {shard!r}, which is not a file in {directory}; "
+                                 f"a model folder's index may name only files inside it")
         return [directory / shard for shard in shards]
     raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
 
@@ -147,6 +161,50 @@ def quantize_q4_1(weights: np.ndarray) -> np.ndarray:
 
 # ---- From GGUF tensors to `LlamaModel` -------------------------------------------------------------------
 
+GGUF_MIN_ENTRY_BYTES = {"metadata": 8 + 1 + 4 + 1, "tensor": 8 + 1 + 4 + 8 + 4 + 8}   # the smallest of each kind
+
+
+class CheckedGGUFReader(gguf.GGUFReader):
+    """The `gguf` package's reader, but a read past the file's end (a download cut short) is a ValueError that
+    says so, where numpy would fail later with an unrelated message ("cannot reshape array of size ...")."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            part = "tensor data" if hasattr(self, "data_offset") else "metadata or tensor table"
+            raise ValueError(f"it ends at byte {len(self.data):,}, inside its {part}, which goes on to byte "
+                             f"{end:,}: the file was cut short (download it again)")
+        return super()._get(offset, dtype, count, override_order)
+
+
+def read_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A GGUF file, opened once its header is plausible: any fault of the file is a ValueError naming it and
+    saying what is wrong, before anything is built from it. Its header's counts must fit in its bytes (a damaged
+    count of 2**62 entries is refused at once), every read must stay inside the file (`CheckedGGUFReader`), and
+    every tensor type id must be one the `gguf` package knows."""
+    path = Path(path)
+    with path.open("rb") as file:                       # a missing file: FileNotFoundError, naming it
+        header = file.read(24)
+    if len(header) < 24 or header[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it does not begin with GGUF's 24-byte header")
+    order = ">" if struct.unpack("<I", header[4:8])[0] & 0xFFFF == 0 else "<"     # a file written big-endian
+    tensors, entries = struct.unpack(f"{order}QQ", header[8:])
+    size = path.stat().st_size
+    if tensors * GGUF_MIN_ENTRY_BYTES["tensor"] + entries * GGUF_MIN_ENTRY_BYTES["metadata"] > size:
+        raise ValueError(f"{path}: its header claims {tensors:,} tensors and {entries:,} metadata entries, more "
+                         f"than its {size:,} bytes can hold: the file was cut short or is damaged")
+    try:
+        return CheckedGGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as err:
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(err))
+        if unknown:
+            reason = (f"a tensor has type id {unknown.group(1)}, which this version of the gguf package does not "
+                      f"know (a newer llama.cpp format?)")
+        else:
+            reason = str(err) if isinstance(err, ValueError) else f"the file is damaged ({type(err).__name__}: {err})"
+        raise ValueError(f"{path}: {reason}") from None
+
+
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -156,8 +214,7 @@ GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 
 def gguf_tensor(tensor) -> torch.Tensor:
     """One tensor of a `gguf.GGUFReader`, dequantized to float32, in PyTorch's (rows, cols) order."""
-    from gguf import GGMLQuantizationType as Kind
-
+    Kind = gguf.GGMLQuantizationType
     if tensor.tensor_type == Kind.Q4_1:
         values = dequantize_q4_1(tensor.data)
     elif tensor.tensor_type == Kind.Q8_0:

@@ -21,12 +21,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ch03_gpt_model.gpt import DecodingCache, KVCache, check_token_inputs, linear_cross_entropy
+from ch03_gpt_model.gpt import DecodingCache, KVCache, check_block_count, check_token_inputs, linear_cross_entropy
 from shared.config import ConfigError, knob
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
@@ -34,6 +35,7 @@ from ch06_llama.checkpoints import (
     config_from_gguf,
     config_from_hf,
     hf_config_dict,
+    read_gguf,
     safetensors_files,
     state_dict_from_gguf,
     state_dict_from_hf,
@@ -153,31 +155,42 @@ class LlamaModel(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} is missing: give a directory holding a Hugging Face Llama "
                                     f"checkpoint (config.json and model.safetensors)")
-        cfg = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+        try:
+            cfg = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+        except KeyError as err:
+            raise ValueError(f"{config_file} has no {err.args[0]!r}, which a Llama's config needs") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{config_file}: {err}") from None
         tensors = {}
         for file in safetensors_files(directory):
             tensors.update(load_file(file))
         for name in list(tensors):                       # one tensor at a time, so the file's copy goes at once
             tensors[name] = tensors.pop(name).float()
-        with torch.device("meta"):                       # shapes only: no memory, no random initialisation
-            model = cls(cfg)
-        model.load_state_dict(state_dict_from_hf(tensors, cfg, model.state_dict()), assign=True)   # file's tensors
+        try:
+            check_block_count(tensors, cfg.n_layer)      # before 100,000 blocks are built, even on the meta device
+            with torch.device("meta"):                   # shapes only: no memory, no random initialisation
+                model = cls(cfg)
+            tensors = state_dict_from_hf(tensors, cfg, model.state_dict())
+        except ValueError as err:
+            raise ValueError(f"{directory}: {err}") from None
+        model.load_state_dict(tensors, assign=True)      # the file's tensors become the parameters
         return model
 
     @classmethod
     def from_gguf(cls, path) -> "LlamaModel":
         """A model with the weights of a GGUF file (llama.cpp's format; F32, F16, Q8_0 or Q4_1 tensors),
-        dequantized to float32, in evaluation mode. `path` may also be an open `gguf.GGUFReader`."""
-        import gguf
-
-        reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
+        dequantized to float32, in evaluation mode. `path` may also be an open `gguf.GGUFReader`. Whatever is
+        wrong with the file (`read_gguf`, `config_from_gguf`, a tensor of the wrong shape) is a ValueError naming
+        it, raised before the model takes any memory."""
+        reader = path if isinstance(path, gguf.GGUFReader) else read_gguf(path)
         try:
             cfg = config_from_gguf(reader)
+            with torch.device("meta"):                   # no memory, no random initialisation:
+                model = cls(cfg)
+            tensors = state_dict_from_gguf(reader, cfg, model.state_dict())
         except ValueError as err:
             raise ValueError(f"{getattr(reader.data, 'filename', None) or 'the GGUF file'}: {err}") from None
-        with torch.device("meta"):                       # no memory, no random initialisation:
-            model = cls(cfg)
-        model.load_state_dict(state_dict_from_gguf(reader, cfg, model.state_dict()), assign=True)  # file's tensors
+        model.load_state_dict(tensors, assign=True)     # the file's tensors become the parameters
         return model.eval()
 
     def save_pretrained_hf(self, directory: str | os.PathLike) -> Path:

@@ -57,6 +57,16 @@ def test_old_exchanges_are_dropped_to_fit_the_context_and_the_system_message_sta
     assert rendered.startswith("<|im_start|>system\nBe brief.")
 
 
+def test_a_system_message_too_long_for_the_context_is_refused_as_the_chat_starts(smollm_parts):
+    chat_model = toy_chat_model(smollm_parts)
+    with pytest.raises(ValueError, match=r"^the system message takes \d+ tokens with the template, but only 88 fit"):
+        Chat(chat_model, system="Be brief. " * 30, max_new_tokens=8)
+    chat = Chat(chat_model, system="Be brief. " * 20, max_new_tokens=8)        # it fits, but a long message not:
+    with pytest.raises(ValueError, match=r"^the message takes \d+ tokens with the template"):
+        chat.reply("Hello there. " * 10)
+    assert chat.messages == []
+
+
 def test_a_message_longer_than_the_context_is_refused_and_forgotten(smollm_parts):
     chat = Chat(toy_chat_model(smollm_parts), temperature=0, max_new_tokens=8)
     chat.reply("Hello")

@@ -1082,3 +1082,31 @@ def test_a_full_disk_is_one_line_leaves_no_half_checkpoint_and_the_run_resumes(s
     assert json.loads((run / "latest.json").read_text())["step"] == 4 and not list(run.glob(".*.tmp"))
     filler.unlink()                                              # space again: the run goes on from step 4
     assert train(tiny_config(run, max_steps=12), resume=True, **QUIET)["step"] == 12
+
+
+def test_a_full_disk_during_a_sharded_checkpoint_leaves_no_shards_and_the_previous_one(small_disk):
+    import torch.distributed as dist
+
+    from ch04_pretraining.runs import save_sharded_checkpoint
+    from shared.files import DiskFullError
+
+    run = small_disk / "run"
+    run.mkdir()
+    cfg = tiny_config(run, parallel="fsdp")
+    model = cfg.build_model(65)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()   # the loss
+    optimizer.step()
+    sampler = BatchSampler(np.zeros(100, dtype=np.uint16), 4, seed=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        save_sharded_checkpoint(run, model, optimizer, 4, cfg, sampler, main=True)
+        filler = small_disk / "filler"
+        filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 100_000))
+        with pytest.raises(DiskFullError, match=r"^the disk holding .* is full: the shards of step 8 need more room"):
+            save_sharded_checkpoint(run, model, optimizer, 8, cfg, sampler, main=True)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt-")) == ["ckpt-0000004.dcp",
+                                                                                  "ckpt-0000004.pt"]
+    assert load_checkpoint(run)[1]["step"] == 4
