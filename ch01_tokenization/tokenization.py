@@ -631,7 +631,7 @@ class BPETokenizer(Tokenizer):
         import gguf
 
         reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
-        fields, where = reader.fields, getattr(reader.data, "filename", None) or path     # the file's name
+        fields, where = reader.fields, gguf_file_name(reader)
 
         def value(key: str):
             if key not in fields:
@@ -667,6 +667,11 @@ CL100K_SPECIAL_TOKENS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|f
 # GGUF's `tokenizer.ggml.pre` names -> pattern; token types 3 and 4 mark special tokens.
 GGUF_SPLIT_PATTERNS = {"gpt-2": GPT2_SPLIT_PATTERN, "smollm": GPT2_SPLIT_PATTERN, "llama-bpe": LLAMA3_SPLIT_PATTERN}
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+
+def gguf_file_name(reader) -> str:
+    """The path of the file a `gguf.GGUFReader` reads, for messages (the reader itself prints as an object)."""
+    return str(getattr(reader.data, "filename", None) or "the GGUF file")
 
 
 # ---- Other models' vocabularies --------------------------------------------------------------------------

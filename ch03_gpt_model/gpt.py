@@ -432,6 +432,10 @@ class DecodingCache:
         self.next_position = torch.zeros(self.real.shape[0], dtype=torch.long, device=self.real.device)
         self.mask, self.is_causal = None, False
 
+    def real_tokens(self, row: int) -> int:
+        """How many of row `row`'s filled slots hold real tokens rather than left padding."""
+        return int(self.real[row, :self.length].sum())
+
     def truncate(self, length: int) -> None:
         """Keep the first `length` filled slots and forget the rest: the next `extend` writes at slot `length`,
         as if only those tokens had been seen (a chat reuses the start of a conversation it has already run)."""
@@ -484,7 +488,7 @@ class DecodingCache:
         of row `rows[i][1]` of cache `rows[i][0]` (its real slots, in order, with their positions), right-
         aligned, so that every row's next token goes into the same slot. A server moves conversations into and
         out of one batch this way (chapter 6)."""
-        counts = [int(cache.real[row, :cache.length].sum()) for cache, row in rows]
+        counts = [cache.real_tokens(row) for cache, row in rows]
         length = max(counts, default=0)
         if self.length or len(rows) != self.real.shape[0] or length > self.max_length:
             raise ValueError(f"an empty cache of {len(rows)} rows and at least {length} slots takes these rows; "

@@ -11,13 +11,14 @@ import pickle
 import shutil
 import socket
 import warnings
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -157,7 +158,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
 def record_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, data, optimizer_state: dict | None,
                       weights_path: Path, keep: int) -> None:
     """What completes a checkpoint once its weights are written: the training state, then `latest.json` naming
-    both, then the removal of all but the newest `keep - 1` earlier checkpoints."""
+    both, then the removal of earlier checkpoints but the newest `keep - 1` whole ones."""
     state_path = checkpoint_paths(out_dir, step)[1]
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer_state,
              "sampler": data.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -165,11 +166,31 @@ def record_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, data, optimize
     atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     pointer = json.dumps({"step": step, "weights": weights_path.name, "state": state_path.name})
     atomic_write(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))
-    earlier = sorted(s for s in checkpoint_steps(out_dir) if s < step)
-    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
+    earlier = sorted((s for s in checkpoint_steps(out_dir) if s < step), reverse=True)
+    whole = [s for s in earlier if checkpoint_is_whole(out_dir, s)][:max(0, keep - 1)]
+    for old in set(earlier) - set(whole):     # a damaged checkpoint is no fallback: it never displaces a whole one
         for path in checkpoint_paths(out_dir, old):
             path.unlink(missing_ok=True)
         shutil.rmtree(sharded_checkpoint_path(out_dir, old), ignore_errors=True)
+
+
+def checkpoint_is_whole(out_dir: Path, step: int) -> bool:
+    """Whether the checkpoint at `step` has all its files, none cut short: the weights' header covers their
+    file (or the shards have their index) and the training state's zip directory, stored at its end, is
+    there. It reads headers only, so it does not catch bytes changed in the middle of a file."""
+    weights_path, state_path = checkpoint_paths(out_dir, step)
+    shards = sharded_checkpoint_path(out_dir, step)
+    try:
+        if shards.is_dir():
+            if not (shards / ".metadata").is_file():
+                return False
+        else:
+            with safe_open(weights_path, "pt"):
+                pass
+        zipfile.ZipFile(state_path).close()
+    except (OSError, SafetensorError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def checkpoint_steps(out_dir: str | Path) -> list[int]:

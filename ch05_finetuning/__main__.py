@@ -84,11 +84,12 @@ def parse_args(argv: list[str]) -> tuple[FinetuneConfig, bool, bool]:
                               "learning)")
         top.parse_args(argv[:1])                            # prints the usage and exits
     task, argv = argv[0], argv[1:]
-    parser = finetune_parser(task, scale_of(argv))
+    scale = scale_of(argv)
+    parser = finetune_parser(task, scale)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues a run and --overwrite replaces it: give one of them")
-    base = finetune_preset(task, scale_of(argv))
+    base = finetune_preset(task, scale)
     out_dir = Path(args.out_dir or base.out_dir)
     if args.resume and out_dir.is_dir():
         base = resumed_config(parser, out_dir, task)

@@ -23,7 +23,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from torch import nn
 
-from ch01_tokenization.tokenization import LLAMA3_SPLIT_PATTERN, BPETokenizer, Tokenizer
+from ch01_tokenization.tokenization import LLAMA3_SPLIT_PATTERN, BPETokenizer, Tokenizer, gguf_file_name
 from ch03_gpt_model.gpt import GPT_CONFIGS, DecodingCache, generate
 from ch05_finetuning.finetuning import load_base
 from ch05_finetuning.instructions import alpaca_prompt
@@ -234,7 +234,7 @@ def gguf_token_id(reader, key: str, vocab_size: int) -> int | None:
     if value == -1:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise ValueError(f"{reader.data.filename}: its {key} is {value!r}, but its tokens are numbered 0 to "
+        raise ValueError(f"{gguf_file_name(reader)}: its {key} is {value!r}, but its tokens are numbered 0 to "
                          f"{vocab_size - 1:,}")
     return value
 
@@ -342,8 +342,8 @@ class Chat:
         if not 1 <= max_new_tokens < context:
             raise ValueError(f"max_new_tokens must be in 1..{context - 1} (the context holds {context} tokens), "
                              f"got {max_new_tokens}")
-        taken, room = len(chat_model.encode(self.system + [{"role": "user", "content": ""}])), context - max_new_tokens
-        if self.system and taken >= room:                 # no message would fit: say so now, naming the system's
+        room, empty = context - max_new_tokens, [{"role": "user", "content": ""}]
+        if self.system and (taken := len(chat_model.encode(self.system + empty))) >= room:   # no message fits
             raise ValueError(f"the system message takes {taken} tokens with the template, but only {room} fit in "
                              f"the context before the answer, with a message still to come; shorten it, or lower "
                              f"max_new_tokens")

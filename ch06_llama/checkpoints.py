@@ -13,14 +13,15 @@ import json
 import os
 import re
 import struct
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from ch03_gpt_model.gpt import check_state_dict
+from ch03_gpt_model.gpt import check_block_count, check_state_dict
+from shared.config import ConfigError
 from shared.data import DataUnavailableError
 # from this chapter's other modules (the exporter writes these imports):
 from ch06_llama.layers import LlamaConfig, RopeScaling, interleaved_to_half
@@ -48,38 +49,49 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
 
 
+# LlamaConfig's sizes, and their names in a Hugging Face config.json
+HF_SIZE_NAMES = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings",
+                 "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+                 "n_embd": "hidden_size", "ffn_hidden": "intermediate_size"}
+
+
 def config_from_hf(hf: dict) -> LlamaConfig:
     """A LlamaConfig from a Hugging Face config.json (transformers 4's `rope_theta`/`rope_scaling` or 5's
-    `rope_parameters`). What LlamaModel does not compute is refused, saying what."""
+    `rope_parameters`). A size that is missing or not a positive whole number is refused under its name in the
+    file, and so is what LlamaModel does not compute, saying what."""
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not a Llama")
+    sizes = {ours: hf.get(theirs) for ours, theirs in HF_SIZE_NAMES.items()}
+    sizes["n_kv_head"] = sizes["n_kv_head"] or sizes["n_head"]         # no groups given: one per query head
+    missing = [theirs for ours, theirs in HF_SIZE_NAMES.items() if sizes[ours] is None]
+    if missing:
+        raise KeyError(missing[0])
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        cfg = LlamaConfig(**sizes, rope_theta=float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0))),
+                          rope_scaling=None, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                          tie_embeddings=hf.get("tie_word_embeddings", False))
+    except ConfigError as err:
+        raise ValueError(f"its {HF_SIZE_NAMES.get(err.field, err.field)}: {err.message}") from None
     kind = rope.pop("rope_type", rope.pop("type", "default"))
-    heads = hf["num_attention_heads"]
     unsupported = []
     if hf.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act={hf['hidden_act']!r} (LlamaModel's SwiGLU uses silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         unsupported.append("biases (LlamaModel has none)")
-    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
         unsupported.append(f"head_dim={hf['head_dim']} (LlamaModel's is hidden_size / heads)")
     if kind not in ("default", "llama3", "linear"):
         unsupported.append(f"rope_type={kind!r} (LlamaModel knows default, linear and llama3)")
     if unsupported:
         raise ValueError("this checkpoint computes differently from LlamaModel: " + "; ".join(unsupported))
-    scaling, divisors = None, None
     if kind == "llama3":
-        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-                              int(rope["original_max_position_embeddings"]))
-    elif kind == "linear":                               # every pair slowed alike (Chen et al., 2023)
-        divisors = (float(rope["factor"]),) * (hf["hidden_size"] // heads // 2)
-    return LlamaConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
-                       n_layer=hf["num_hidden_layers"], n_head=heads,
-                       n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hf["hidden_size"],
-                       ffn_hidden=hf["intermediate_size"], rope_theta=float(theta), rope_scaling=scaling,
-                       rope_divisors=divisors, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+        return replace(cfg, rope_scaling=RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                                                     float(rope["high_freq_factor"]),
+                                                     int(rope["original_max_position_embeddings"])))
+    if kind == "linear":                                 # every pair slowed alike (Chen et al., 2023)
+        return replace(cfg, rope_divisors=(float(rope["factor"]),) * (cfg.head_dim // 2))
+    return cfg
 
 
 def hf_config_dict(cfg: LlamaConfig) -> dict:
@@ -91,11 +103,9 @@ def hf_config_dict(cfg: LlamaConfig) -> dict:
             raise ValueError("this model's RoPE divisors (rope_divisors, read from a GGUF file's rope_freqs) differ "
                              "from pair to pair, which a Hugging Face config cannot say")
         scaling = {"rope_type": "linear", "factor": cfg.rope_divisors[0]}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.context_length, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd,
-            "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden, "hidden_act": "silu",
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **{theirs: getattr(cfg, ours) for ours, theirs in HF_SIZE_NAMES.items()}, "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
             "initializer_range": cfg.weight_std, "torch_dtype": "float32"}
 
@@ -269,20 +279,15 @@ def check_gguf_layout(reader) -> None:
         value = gguf_metadata(reader, f"llama.{key}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"its llama.{key} is {value!r}, which must be a whole number >= 1")
-    blocks = set()
     for tensor in reader.tensors:
-        parts = tensor.name.split(".")
-        in_block = parts[0] == "blk" and len(parts) == 4 and parts[1].isdigit()
-        role = parts[2] if in_block else parts[0]
-        if tensor.name != "rope_freqs.weight" and (role not in GGUF_NAMES or len(parts) != (4 if in_block else 2)):
+        if tensor.name != "rope_freqs.weight" and hf_name_of_gguf(tensor.name) is None:
             raise ValueError(f"its tensor {tensor.name!r} has no place in this chapter's Llama, whose tensors are "
                              f"{', '.join(GGUF_NAMES)} (and rope_freqs): it is not a Llama 3 style model")
-        if in_block:
-            blocks.add(int(parts[1]))
-    count = gguf_metadata(reader, "llama.block_count")
-    if blocks != set(range(count)):
-        raise ValueError(f"its llama.block_count says {count:,} blocks, but its tensors are those of blocks "
-                         f"{sorted(blocks)[:3]}...{sorted(blocks)[-1:]} ({len(blocks):,} in all): the file is damaged")
+    try:
+        check_block_count((tensor.name for tensor in reader.tensors), gguf_metadata(reader, "llama.block_count"))
+    except ValueError as err:
+        raise ValueError(f"its llama.block_count does not match its tensor table ({err}): the file is "
+                         f"damaged") from None
 
 
 def config_from_gguf(reader) -> LlamaConfig:
@@ -320,18 +325,23 @@ def state_dict_from_gguf(reader, cfg: LlamaConfig, expected: dict[str, torch.Ten
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":                 # part of the config (gguf_rope_divisors)
             continue
-        parts = tensor.name.split(".")                         # "blk.3.attn_q.weight" or "output_norm.weight"
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-        else:
-            name = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
-        value = gguf_tensor(tensor)
-        if parts[0] == "blk" and parts[2] == "attn_q":
-            value = interleaved_to_half(value, cfg.n_head)
-        elif parts[0] == "blk" and parts[2] == "attn_k":
-            value = interleaved_to_half(value, cfg.n_kv_head)
+        name, value = hf_name_of_gguf(tensor.name), gguf_tensor(tensor)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            value = interleaved_to_half(value, cfg.n_head if name.endswith("q_proj.weight") else cfg.n_kv_head)
         tensors[name] = value
     return state_dict_from_hf(tensors, cfg, expected)
+
+
+def hf_name_of_gguf(name: str) -> str | None:
+    """Hugging Face's name for the Llama weight llama.cpp calls `name` ("blk.3.attn_q.weight" ->
+    "model.layers.3.self_attn.q_proj.weight", "output_norm.weight" -> "model.norm.weight"), or None where the
+    name has no place in a Llama."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GGUF_NAMES:
+        return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None
 
 
 # ---- Llama 3's tokenizer file, and Meta's own weights (online) -------------------------------------------

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ch01_tokenization.tokenization import gguf_file_name
 from ch03_gpt_model.gpt import DecodingCache, KVCache, check_block_count, check_token_inputs, linear_cross_entropy
 from shared.config import ConfigError, knob
 from shared.files import atomic_write
@@ -164,8 +165,6 @@ class LlamaModel(nn.Module):
         tensors = {}
         for file in safetensors_files(directory):
             tensors.update(load_file(file))
-        for name in list(tensors):                       # one tensor at a time, so the file's copy goes at once
-            tensors[name] = tensors.pop(name).float()
         try:
             check_block_count(tensors, cfg.n_layer)      # before 100,000 blocks are built, even on the meta device
             with torch.device("meta"):                   # shapes only: no memory, no random initialisation
@@ -173,6 +172,8 @@ class LlamaModel(nn.Module):
             tensors = state_dict_from_hf(tensors, cfg, model.state_dict())
         except ValueError as err:
             raise ValueError(f"{directory}: {err}") from None
+        for name in list(tensors):                       # one tensor at a time, so the file's copy goes at once
+            tensors[name] = tensors.pop(name).float()
         model.load_state_dict(tensors, assign=True)      # the file's tensors become the parameters
         return model
 
@@ -189,7 +190,7 @@ class LlamaModel(nn.Module):
                 model = cls(cfg)
             tensors = state_dict_from_gguf(reader, cfg, model.state_dict())
         except ValueError as err:
-            raise ValueError(f"{getattr(reader.data, 'filename', None) or 'the GGUF file'}: {err}") from None
+            raise ValueError(f"{gguf_file_name(reader)}: {err}") from None
         model.load_state_dict(tensors, assign=True)     # the file's tensors become the parameters
         return model.eval()
 

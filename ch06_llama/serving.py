@@ -223,7 +223,7 @@ class Engine:
         that is less. Memory grows with the tokens the requests really produce, not with what they may."""
         if not rows:
             return None
-        longest = max(int(cache.real[row, :cache.length].sum()) for cache, row in rows)
+        longest = max(cache.real_tokens(row) for cache, row in rows)
         spare = min(max(request.remaining for request in self.active), max(64, longest))
         packed = self.model.new_cache(len(rows), longest + spare)
         packed.take_rows(rows)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from gguf_files import gguf_name, write_llama_gguf
 
 from ch01_tokenization.tokenization import BPETokenizer
 from ch03_gpt_model.gpt import generate
@@ -436,44 +437,16 @@ def write_llama3_gguf(model: transformers.LlamaForCausalLM, path, block_count: i
     """`model` as a float32 GGUF file the way llama.cpp's converter writes a Llama 3.1/3.2: llama.* metadata, q
     and k rows in Meta's interleaved layout, and the RoPE scaling only as the `rope_freqs` tensor. `block_count`,
     `head_count` and `extra` tensors (name -> array) make a damaged or foreign file."""
-    import gguf
-
-    c, rope = model.config, model.config.rope_parameters
-    head_dim = c.hidden_size // c.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers if block_count is None else block_count)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads if head_count is None else head_count)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    cfg, rope = config_from_hf(model.config.to_dict()), model.config.rope_parameters
+    tensors = {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.float()
-        if name.startswith("model.layers."):
-            _, _, layer, *module, kind = name.split(".")
-            if module[-1] in ("q_proj", "k_proj"):
-                heads = c.num_attention_heads if module[-1] == "q_proj" else c.num_key_value_heads
-                tensor = half_to_interleaved(tensor, heads)
-            name = f"blk.{layer}.{names['.'.join(module)]}.{kind}"
-        else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                    "lm_head.weight": "output.weight"}[name]
-        writer.add_tensor(name, tensor.numpy())
-    for name, array in (extra or {}).items():
-        writer.add_tensor(name, array)
-    divisors = llama_cpp_rope_divisors(head_dim, rope["rope_theta"], rope)
-    writer.add_tensor("rope_freqs.weight", np.array(divisors, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = half_to_interleaved(tensor, cfg.n_head if "q_proj" in name else cfg.n_kv_head)
+        tensors[gguf_name(name)] = tensor.numpy()
+    divisors = llama_cpp_rope_divisors(cfg.head_dim, rope["rope_theta"], rope)
+    tensors |= {**(extra or {}), "rope_freqs.weight": np.array(divisors, dtype=np.float32)}
+    write_llama_gguf(path, cfg, tensors, block_count=block_count, head_count=head_count)
 
 
 def test_a_llama_3_gguf_with_rope_freqs_equals_the_model_it_was_written_from(tmp_path):
@@ -509,8 +482,9 @@ def tiny_llama3() -> transformers.LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (dict(block_count=200_000), "llama.block_count says 200,000 blocks, but its tensors are those of blocks"),
-    (dict(block_count=1), "llama.block_count says 1 blocks"),
+    (dict(block_count=200_000), "llama.block_count does not match its tensor table (the settings say 200,000 blocks, "
+                                "but the weights hold 2): the file is damaged"),
+    (dict(block_count=1), "the settings say 1 blocks, but the weights hold 2"),
     (dict(head_count=0), "llama.attention.head_count is 0, which must be a whole number >= 1"),
     (dict(extra={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)}),
      "tensor 'blk.0.attn_q_norm.weight' has no place in this chapter's Llama"),

@@ -46,7 +46,16 @@ from ch04_pretraining.pretraining import (
     steps_within_budget,
     train,
 )
-from ch04_pretraining.runs import CheckpointError, load_checkpoint, load_run, read_metrics, read_steps, run_lock
+from ch04_pretraining.runs import (
+    CheckpointError,
+    checkpoint_is_whole,
+    checkpoint_steps,
+    load_checkpoint,
+    load_run,
+    read_metrics,
+    read_steps,
+    run_lock,
+)
 from shared.config import ConfigError
 from shared.data import fetch
 from shared.network import free_port
@@ -641,6 +650,27 @@ def test_rotation_keeps_the_newest_checkpoints_before_the_current_step(tmp_path)
     kept = sorted(p.name for p in tmp_path.glob("ckpt-*.safetensors"))
     assert kept == ["ckpt-0000008.safetensors", "ckpt-0000012.safetensors", "ckpt-0000016.safetensors",
                     "ckpt-0000020.safetensors"]
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda run: _cut_short(run / "ckpt-0000020.safetensors"),
+    lambda run: _cut_short(run / "ckpt-0000020.pt"),
+    lambda run: (run / "ckpt-0000020.pt").unlink(),
+    lambda run: ((run / "ckpt-0000020.safetensors").unlink(), (run / "ckpt-0000020.dcp").mkdir()),  # no index
+], ids=["weights cut short", "state cut short", "state missing", "shards without their index"])
+def test_rotation_never_keeps_a_damaged_checkpoint_in_place_of_a_whole_one(tmp_path, damage):
+    train(tiny_config(tmp_path, max_steps=20), **QUIET)
+    damage(tmp_path)
+    assert not checkpoint_is_whole(tmp_path, 20) and checkpoint_is_whole(tmp_path, 16)
+    pretraining.save_checkpoint(tmp_path, *_model_and_optimizer(), 24, tiny_config(tmp_path), _sampler())
+    assert sorted(checkpoint_steps(tmp_path)) == [16, 24]       # the whole one before stays
+    _cut_short(tmp_path / "ckpt-0000024.safetensors")
+    with pytest.warns(UserWarning, match="step 24 .* unreadable"):
+        assert load_checkpoint(tmp_path)[1]["step"] == 16
 
 
 def _model_and_optimizer():
