@@ -248,11 +248,11 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
-                       chunk_size: int, with_grads: bool):
+                       chunk_size: int, with_grads: bool, softcap: float | None = None):
     """Sum over the kept rows of CE(hidden @ weight.T, targets), chunk by chunk, and with `with_grads` the
     gradients of that sum with respect to `hidden` and `weight`. The matmuls run in autocast's dtype (bfloat16
     on a GPU), with both inputs cast once rather than once per chunk; the softmax and the sums run in float32,
-    or in float64 for float64 inputs."""
+    or in float64 for float64 inputs. With `softcap` the logits are softcap * tanh(logits / softcap)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     low = _matmul_dtype(hidden, weight)
     hidden_low, weight_low = hidden.to(low), weight.to(low)
@@ -265,13 +265,19 @@ def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         for start in range(0, hidden.shape[0], chunk_size):
             h, t, k = (x[start:start + chunk_size] for x in (hidden_low, targets, keep))
             r, t = rows[:len(t)], torch.where(k, t, 0)                        # ignored rows read token 0...
-            log_probs = torch.log_softmax((h @ weight_low.t()).to(dtype), dim=-1)      # (chunk, vocab)
+            logits = (h @ weight_low.t()).to(dtype)                              # (chunk, vocab)
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = softcap * squashed
+            log_probs = torch.log_softmax(logits, dim=-1)
             total -= torch.where(k, log_probs[r, t], 0).sum()                 # ...and count for nothing
             if with_grads:
                 # d(loss_i)/d(logits_i) = softmax(logits_i) - onehot(t_i), computed in place; an ignored row's
                 # gradient is zeroed through its (chunk, d) factors, never the (chunk, vocab) one
                 probs = log_probs.exp_()
                 probs[r, t] -= 1.0
+                if softcap:                                   # through the cap: d(c tanh(z / c))/dz = 1 - tanh^2
+                    probs *= 1 - squashed.square_()
                 probs, kept = probs.to(low), k[:, None].to(low)
                 grad_hidden[start:start + chunk_size] = (probs @ weight_low) * kept
                 grad_weight += probs.t() @ (h * kept)                        # a 16-bit product, summed in fp32
@@ -282,8 +288,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """mean over kept rows of CE(hidden @ weight^T, targets); the gradient is computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, keep, count, chunk_size):
-        total, grad_hidden, grad_weight = _cross_entropy_sum(hidden, weight, targets, keep, chunk_size, True)
+    def forward(ctx, hidden, weight, targets, keep, count, chunk_size, softcap):
+        total, grad_hidden, grad_weight = _cross_entropy_sum(hidden, weight, targets, keep, chunk_size, True,
+                                                             softcap)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return total / count
 
@@ -291,7 +298,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_output / count
-        return grad_hidden * scale, grad_weight * scale, None, None, None, None
+        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None
 
 
 def _check_targets(targets: torch.Tensor, keep: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -316,10 +323,13 @@ CHUNK_LOGITS = 1 << 25
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+                         chunk_size: int | None = None, ignore_index: int = -100,
+                         softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden (N, d), weight (vocab, d)) against
     `targets` (N,): equal to `F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index)`, value
-    and gradients. Targets equal to `ignore_index` count for nothing; the mean is over the others.
+    and gradients. Targets equal to `ignore_index` count for nothing; the mean is over the others. With
+    `softcap` the logits are squashed into (-softcap, softcap) first, softcap * tanh(logits / softcap)
+    (chapter 4b's soft cap).
 
     It works through `chunk_size` rows at a time (by default as many as `CHUNK_LOGITS` logits take) and, when
     a gradient is wanted, computes it during the forward pass, so the (N, vocab) logits are never stored: far
@@ -334,12 +344,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     _check_targets(targets, keep, weight.shape[0], ignore_index)
     if hidden.shape[0] * weight.shape[0] <= WHOLE_LOGITS_MAX:
         logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)
     chunk_size = chunk_size or max(1, CHUNK_LOGITS // weight.shape[0])
     count = keep.sum()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, keep, count, chunk_size)
-    return _cross_entropy_sum(hidden, weight, targets, keep, chunk_size, with_grads=False)[0] / count
+        return _LinearCrossEntropy.apply(hidden, weight, targets, keep, count, chunk_size, softcap)
+    return _cross_entropy_sum(hidden, weight, targets, keep, chunk_size, False, softcap)[0] / count
 
 
 # ---- Generating text -------------------------------------------------------------------------------------

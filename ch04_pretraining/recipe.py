@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ch02_attention.attention import MultiHeadAttention
-from ch03_gpt_model.gpt import CHUNK_LOGITS, MLP, WHOLE_LOGITS_MAX, GPTConfig, GPTModel, check_token_inputs
+from ch03_gpt_model.gpt import MLP, GPTConfig, GPTModel, check_token_inputs, linear_cross_entropy
 from ch04_pretraining.config import fitted_to_gpu, scale_preset
 from ch04_pretraining.pretraining import hidden_matrices
 from shared.config import ConfigError, knob
@@ -107,28 +106,6 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits.float() / cap)
 
 
-def _capped_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-    return F.cross_entropy(soft_cap(hidden @ weight.t(), cap), targets, reduction="sum")
-
-
-def capped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
-                         chunk_size: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the capped logits cap * tanh(hidden @ weight.T / cap) (hidden (N, d), weight
-    (vocab, d)) against `targets` (N,), -100 ignored: value and gradients of `F.cross_entropy` on them.
-
-    Small problems take the logits whole. Larger ones go `chunk_size` rows at a time (by default as many as
-    chapter 3's CHUNK_LOGITS), each chunk under activation checkpointing: its logits are dropped after its loss
-    is summed and made again in the backward pass, so at most one chunk's are held at a time. Without it, GPT-2's
-    vocabulary at 16 x 1,024 tokens would keep some 3 GB of logits for the backward pass, per copy."""
-    if chunk_size is None and hidden.shape[0] * weight.shape[0] <= WHOLE_LOGITS_MAX:
-        return F.cross_entropy(soft_cap(hidden @ weight.t(), cap), targets)
-    chunk_size = chunk_size or max(1, CHUNK_LOGITS // weight.shape[0])
-    total = sum(checkpoint(_capped_loss_sum, hidden[start:start + chunk_size], weight,
-                           targets[start:start + chunk_size], cap, use_reentrant=False)
-                for start in range(0, hidden.shape[0], chunk_size))
-    return total / (targets != -100).sum()
-
-
 class ModernGPT(GPTModel):
     """`GPTModel` with the parts `ModernConfig` switches on: QK-norm attention, the ReLU^2 MLP, a soft-capped
     output layer, zero output projections at the start. Parameter names stay GPT-2's (plus `q_norm`, `k_norm`).
@@ -154,16 +131,15 @@ class ModernGPT(GPTModel):
                 nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """As `GPTModel.forward`; with a soft cap the loss is taken from the capped logits, chunk by chunk
-        (`capped_cross_entropy`), since chapter 3's chunked loss knows only a plain linear output layer."""
+        """As `GPTModel.forward`; with a soft cap the loss is chapter 3's chunked loss on the capped logits."""
         if not self.cfg.logit_softcap:
             return super().forward(idx, targets)
         check_token_inputs(idx, targets, self.cfg.context_length)
         hidden = self.hidden_states(idx)                                    # (batch, seq, n_embd)
         if targets is None:
             return self.lm_head(hidden)
-        return capped_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                    self.cfg.logit_softcap)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                    softcap=self.cfg.logit_softcap)
 
     def save_pretrained_hf(self, directory) -> Path:
         """A Hugging Face GPT-2 checkpoint, for a model whose switches are all off; a ValueError otherwise."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ch03_gpt_model.gpt import GPTConfig, GPTModel, generate
+from ch03_gpt_model import gpt
+from ch03_gpt_model.gpt import GPTConfig, GPTModel, generate, linear_cross_entropy
 from ch04_pretraining.__main__ import parse_args
 from ch04_pretraining.config import TrainConfig
 from ch04_pretraining.pretraining import hidden_matrices, train
@@ -15,7 +16,6 @@ from ch04_pretraining.recipe import (
     RECIPE,
     ModernConfig,
     ModernGPT,
-    capped_cross_entropy,
     newton_schulz_flops,
     recipe_preset,
 )
@@ -96,19 +96,24 @@ def test_the_soft_cap_bounds_the_logits_and_the_loss_is_taken_from_them(tied):
     assert torch.allclose(model(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()), atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7, 1000])
-def test_the_chunked_capped_loss_equals_cross_entropy_on_the_capped_logits(chunk_size):
+@pytest.mark.parametrize("whole_max, chunk_size", [(None, None), (0, 7), (0, 1000)])
+def test_the_chunked_capped_loss_equals_cross_entropy_on_the_capped_logits(monkeypatch, whole_max, chunk_size):
+    if whole_max is not None:                          # the chunked path, even for logits this small
+        monkeypatch.setattr(gpt, "WHOLE_LOGITS_MAX", whole_max)
     torch.manual_seed(0)
     hidden = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
     weight = (3 * torch.randn(50, 8, dtype=torch.float64)).requires_grad_()
     targets = torch.randint(0, 50, (30,))
     targets[[2, 11, 29]] = -100                                     # ignored rows count for nothing
-    loss = capped_cross_entropy(hidden, weight, targets, cap=4.0, chunk_size=chunk_size)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, softcap=4.0)
     expected = F.cross_entropy(4.0 * torch.tanh(hidden @ weight.T / 4.0), targets)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (hidden @ weight.T).abs().max() > 4.0                    # the cap bites
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     got = torch.autograd.grad(loss, (hidden, weight))
     want = torch.autograd.grad(expected, (hidden, weight))
-    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    assert all(torch.allclose(g, w, atol=1e-12) for g, w in zip(got, want))
+    with torch.no_grad():                                           # evaluation: the loss alone
+        assert linear_cross_entropy(hidden, weight, targets, softcap=4.0).item() == pytest.approx(expected.item())
 
 
 def test_newton_schulz_flops_are_what_torchs_flop_counter_counts():
