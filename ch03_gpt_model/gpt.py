@@ -247,12 +247,18 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): the logits squashed smoothly into (-cap, cap), and about unchanged while they
+    are small (chapter 4b's soft cap). Any shape, the same shape."""
+    return cap * torch.tanh(logits / cap)
+
+
 def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
                        chunk_size: int, with_grads: bool, softcap: float | None = None):
     """Sum over the kept rows of CE(hidden @ weight.T, targets), chunk by chunk, and with `with_grads` the
     gradients of that sum with respect to `hidden` and `weight`. The matmuls run in autocast's dtype (bfloat16
     on a GPU), with both inputs cast once rather than once per chunk; the softmax and the sums run in float32,
-    or in float64 for float64 inputs. With `softcap` the logits are softcap * tanh(logits / softcap)."""
+    or in float64 for float64 inputs. With `softcap` the logits are capped first (`soft_cap`)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     low = _matmul_dtype(hidden, weight)
     hidden_low, weight_low = hidden.to(low), weight.to(low)
@@ -267,8 +273,7 @@ def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             r, t = rows[:len(t)], torch.where(k, t, 0)                        # ignored rows read token 0...
             logits = (h @ weight_low.t()).to(dtype)                              # (chunk, vocab)
             if softcap:
-                squashed = torch.tanh(logits / softcap)
-                logits = softcap * squashed
+                logits = soft_cap(logits, softcap)
             log_probs = torch.log_softmax(logits, dim=-1)
             total -= torch.where(k, log_probs[r, t], 0).sum()                 # ...and count for nothing
             if with_grads:
@@ -277,7 +282,7 @@ def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                 probs = log_probs.exp_()
                 probs[r, t] -= 1.0
                 if softcap:                                   # through the cap: d(c tanh(z / c))/dz = 1 - tanh^2
-                    probs *= 1 - squashed.square_()
+                    probs *= 1 - logits.div_(softcap).square_()
                 probs, kept = probs.to(low), k[:, None].to(low)
                 grad_hidden[start:start + chunk_size] = (probs @ weight_low) * kept
                 grad_weight += probs.t() @ (h * kept)                        # a 16-bit product, summed in fp32
@@ -328,8 +333,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden (N, d), weight (vocab, d)) against
     `targets` (N,): equal to `F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index)`, value
     and gradients. Targets equal to `ignore_index` count for nothing; the mean is over the others. With
-    `softcap` the logits are squashed into (-softcap, softcap) first, softcap * tanh(logits / softcap)
-    (chapter 4b's soft cap).
+    `softcap` the logits are capped first: `soft_cap(hidden @ weight.T, softcap)` (chapter 4b).
 
     It works through `chunk_size` rows at a time (by default as many as `CHUNK_LOGITS` logits take) and, when
     a gradient is wanted, computes it during the forward pass, so the (N, vocab) logits are never stored: far
@@ -345,7 +349,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] * weight.shape[0] <= WHOLE_LOGITS_MAX:
         logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
         if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+            logits = soft_cap(logits, softcap)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)
     chunk_size = chunk_size or max(1, CHUNK_LOGITS // weight.shape[0])
     count = keep.sum()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ch02_attention.attention import MultiHeadAttention
-from ch03_gpt_model.gpt import MLP, GPTConfig, GPTModel, check_token_inputs, linear_cross_entropy
+from ch03_gpt_model.gpt import MLP, GPTConfig, GPTModel, check_token_inputs, linear_cross_entropy, soft_cap
 from ch04_pretraining.config import fitted_to_gpu, scale_preset
 from ch04_pretraining.pretraining import hidden_matrices
 from shared.config import ConfigError, knob
@@ -98,12 +98,7 @@ class SoftCappedHead(nn.Module):
         self.cap = cap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap(hidden @ self.weight.t(), self.cap)
-
-
-def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(logits / cap), computed in float32: any shape, the same shape."""
-    return cap * torch.tanh(logits.float() / cap)
+        return soft_cap((hidden @ self.weight.t()).float(), self.cap)          # tanh in float32
 
 
 class ModernGPT(GPTModel):
