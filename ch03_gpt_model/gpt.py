@@ -202,9 +202,7 @@ class GPTModel(nn.Module):
         weights, cfg = resolve_hf_checkpoint(path, cfg)
         hf_tensors = load_file(weights)
         try:
-            check_block_count(hf_tensors, cfg.n_layer)
-            with torch.device("meta"):              # shapes only: a damaged config takes no memory
-                expected = cls(cfg).state_dict()
+            expected = meta_model(lambda: cls(cfg), hf_tensors, cfg.n_layer).state_dict()
             tensors = state_dict_from_hf(hf_tensors, expected, cfg.tie_embeddings)
         except ValueError as err:
             raise ValueError(f"{weights}: {err}") from None
@@ -812,7 +810,16 @@ def check_block_count(names: Iterable[str], n_layer: int) -> None:
     would take minutes and gigabytes of modules before `check_state_dict` could compare them."""
     blocks = {int(i) for name in names for i in re.findall(r"\.(\d+)\.", name)}
     if blocks != set(range(n_layer)):
-        raise ValueError(f"the settings say {n_layer:,} blocks, but the weights hold {len(blocks):,}")
+        raise ValueError(f"the number of blocks is {n_layer:,} in the settings but {len(blocks):,} in the weights")
+
+
+def meta_model(build: Callable[[], nn.Module], names: Iterable[str], n_layer: int) -> nn.Module:
+    """`build()`'s model on the meta device (shapes only: no memory, no random initialisation), to check a file's
+    tensors against before the real model is made; built only once the tensor `names` are found to hold its
+    `n_layer` blocks (`check_block_count`)."""
+    check_block_count(names, n_layer)
+    with torch.device("meta"):
+        return build()
 
 
 def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> None:

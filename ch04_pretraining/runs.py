@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch01_tokenization.tokenization import CharTokenizer, Tokenizer
-from ch03_gpt_model.gpt import check_block_count, check_state_dict
+from ch03_gpt_model.gpt import check_state_dict, meta_model
 from shared.config import ConfigError
 from shared.files import DiskFullError, atomic_write, disk_full
 # from this chapter's other modules (the exporter writes these imports):
@@ -146,26 +146,31 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, step: int,
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
                if name not in tied}
     atomic_write(weights_path, lambda tmp: save_file(weights, tmp))
-    try:
-        record_checkpoint(out_dir, step, cfg, data, optimizer.state_dict(), weights_path, keep)
-    except BaseException:                      # a full disk, Ctrl-C: weights without their state are no checkpoint
-        if pointed_step(out_dir) != step:
-            weights_path.unlink(missing_ok=True)
-        raise
+    record_checkpoint(out_dir, step, cfg, data, optimizer.state_dict(), weights_path, keep)
     return weights_path
 
 
 def record_checkpoint(out_dir: Path, step: int, cfg: TrainConfig, data, optimizer_state: dict | None,
                       weights_path: Path, keep: int) -> None:
-    """What completes a checkpoint once its weights are written: the training state, then `latest.json` naming
-    both, then the removal of earlier checkpoints but the newest `keep - 1` whole ones."""
+    """What completes a checkpoint once its weights (a file, or a folder of shards) are written: the training
+    state, then `latest.json` naming both, then the removal of earlier checkpoints but the newest `keep - 1` whole
+    ones. Weights without their state are no checkpoint: if this stops before `latest.json` names them (a full
+    disk, Ctrl-C), they are removed."""
     state_path = checkpoint_paths(out_dir, step)[1]
     state = {"step": step, "config": asdict(cfg), "optimizer": optimizer_state,
              "sampler": data.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     pointer = json.dumps({"step": step, "weights": weights_path.name, "state": state_path.name})
-    atomic_write(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))
+    try:
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(out_dir / CHECKPOINT_POINTER, lambda tmp: Path(tmp).write_text(pointer))
+    except BaseException:
+        if pointed_step(out_dir) != step:
+            if weights_path.is_dir():
+                shutil.rmtree(weights_path, ignore_errors=True)
+            else:
+                weights_path.unlink(missing_ok=True)
+        raise
     earlier = sorted((s for s in checkpoint_steps(out_dir) if s < step), reverse=True)
     whole = [s for s in earlier if checkpoint_is_whole(out_dir, s)][:max(0, keep - 1)]
     for old in set(earlier) - set(whole):     # a damaged checkpoint is no fallback: it never displaces a whole one
@@ -310,12 +315,7 @@ def save_sharded_checkpoint(out_dir: str | Path, model: nn.Module, optimizer, st
     def complete():
         shutil.rmtree(path, ignore_errors=True)            # a later run's, from before this one was resumed
         os.replace(partial, path)
-        try:
-            record_checkpoint(out_dir, step, cfg, data, None, path, keep)
-        except BaseException:                  # shards without their state are no checkpoint
-            if pointed_step(out_dir) != step:
-                shutil.rmtree(path, ignore_errors=True)
-            raise
+        record_checkpoint(out_dir, step, cfg, data, None, path, keep)
 
     on_main_process(complete, main, True, device)
     return path
@@ -392,9 +392,7 @@ def model_with_weights(build: Callable[[], nn.Module], n_layer: int, weights: di
     names and shapes. A config damaged into a width of a million or 100,000 blocks is then a CheckpointError
     naming `where`, not an attempt to allocate terabytes."""
     try:
-        check_block_count(weights, n_layer)
-        with torch.device("meta"):
-            skeleton = build()
+        skeleton = meta_model(build, weights, n_layer)
         tied = tied_names(skeleton)
         expected = {name: t for name, t in skeleton.state_dict().items() if name in weights or name not in tied}
         check_state_dict(weights, expected, type(skeleton).__name__)

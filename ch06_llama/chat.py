@@ -213,16 +213,18 @@ def load_chat_model(source: str | os.PathLike | None = None) -> ChatModel:
 
 
 def gguf_chat_model(path: Path) -> ChatModel:
-    """A Llama and its tokenizer and chat template, from one GGUF file."""
+    """A Llama and its tokenizer and chat template, from one GGUF file. Its errors name the file as those of the
+    functions it calls do (`gguf_file_name`)."""
     reader = read_gguf(path)
+    where = gguf_file_name(reader)
     tokenizer = BPETokenizer.from_gguf(reader)
     tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
     bos, eos = (gguf_token_id(reader, f"tokenizer.ggml.{name}_token_id", len(tokens)) for name in ("bos", "eos"))
     variables = {"bos_token": "" if bos is None else tokens[bos]}
-    template = checked_template(gguf_metadata(reader, "tokenizer.chat_template"), variables, path)
+    template = checked_template(gguf_metadata(reader, "tokenizer.chat_template"), variables, where)
     model = LlamaModel.from_gguf(reader)
     if len(tokens) > model.cfg.vocab_size:
-        raise ValueError(f"{path}: its tokenizer has {len(tokens):,} tokens, but its model embeds only "
+        raise ValueError(f"{where}: its tokenizer has {len(tokens):,} tokens, but its model embeds only "
                          f"{model.cfg.vocab_size:,}")
     return ChatModel(model, tokenizer, template, end_of_turn_id(tokenizer.special_tokens, eos), variables, str(path))
 

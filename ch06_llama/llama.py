@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ch01_tokenization.tokenization import gguf_file_name
-from ch03_gpt_model.gpt import DecodingCache, KVCache, check_block_count, check_token_inputs, linear_cross_entropy
+from ch03_gpt_model.gpt import DecodingCache, KVCache, check_token_inputs, linear_cross_entropy, meta_model
 from shared.config import ConfigError, knob
 from shared.files import atomic_write
 # from this chapter's other modules (the exporter writes these imports):
@@ -166,9 +166,7 @@ class LlamaModel(nn.Module):
         for file in safetensors_files(directory):
             tensors.update(load_file(file))
         try:
-            check_block_count(tensors, cfg.n_layer)      # before 100,000 blocks are built, even on the meta device
-            with torch.device("meta"):                   # shapes only: no memory, no random initialisation
-                model = cls(cfg)
+            model = meta_model(lambda: cls(cfg), tensors, cfg.n_layer)
             tensors = state_dict_from_hf(tensors, cfg, model.state_dict())
         except ValueError as err:
             raise ValueError(f"{directory}: {err}") from None

@@ -203,7 +203,7 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, hf_model):
     with pytest.raises(ValueError, match="another config"):
         GPTModel.from_pretrained_hf(tmp_path, cfg=other)
     deeper = GPTConfig(vocab_size=101, context_length=32, n_layer=3, n_head=4, n_embd=64)
-    with pytest.raises(ValueError, match="the settings say 3 blocks, but the weights hold 2"):
+    with pytest.raises(ValueError, match="the number of blocks is 3 in the settings but 2 in the weights"):
         GPTModel.from_pretrained_hf(tmp_path, cfg=deeper)
 
 

@@ -482,9 +482,9 @@ def tiny_llama3() -> transformers.LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (dict(block_count=200_000), "llama.block_count does not match its tensor table (the settings say 200,000 blocks, "
-                                "but the weights hold 2): the file is damaged"),
-    (dict(block_count=1), "the settings say 1 blocks, but the weights hold 2"),
+    (dict(block_count=200_000), "llama.block_count does not match its tensor table (the number of blocks is "
+                                "200,000 in the settings but 2 in the weights): the file is damaged"),
+    (dict(block_count=1), "the number of blocks is 1 in the settings but 2 in the weights"),
     (dict(head_count=0), "llama.attention.head_count is 0, which must be a whole number >= 1"),
     (dict(extra={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)}),
      "tensor 'blk.0.attn_q_norm.weight' has no place in this chapter's Llama"),

@@ -211,7 +211,7 @@ def tiny_gpt_base(tmp_path_factory):
 
 
 WRONG_SIZES = [(dict(n_embd=1_000_000), "checkpoint is from another config: transformer."),
-               (dict(n_layer=100_000), "the settings say 100,000 blocks, but the weights hold 2")]
+               (dict(n_layer=100_000), "the number of blocks is 100,000 in the settings but 2 in the weights")]
 
 
 @pytest.mark.parametrize("settings, problem", WRONG_SIZES)
@@ -245,13 +245,14 @@ def test_a_hugging_face_gpt2_config_that_does_not_describe_its_weights_is_one_er
     shutil.copytree(tiny_gpt_base, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "n_embd": 1_000_000, "n_layer": 100_000}))
-    with pytest.raises(ValueError, match=re.escape(f"{folder / 'model.safetensors'}: the settings say 100,000 blocks")):
+    problem = "the number of blocks is 100,000 in the settings"
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'model.safetensors'}: {problem}")):
         GPTModel.from_pretrained_hf(folder)
 
 
-@pytest.mark.parametrize("change, problem", [(dict(num_hidden_layers=100_000), "the settings say 100,000 blocks"),
-                                             (dict(hidden_size=1_000_000, num_attention_heads=2),
-                                              "checkpoint is from another config")])
+@pytest.mark.parametrize("change, problem", [
+    (dict(num_hidden_layers=100_000), "the number of blocks is 100,000 in the settings"),
+    (dict(hidden_size=1_000_000, num_attention_heads=2), "checkpoint is from another config")])
 def test_a_hugging_face_llama_config_that_does_not_describe_its_weights_is_one_error(tmp_path, change, problem):
     folder = llama_folder(tmp_path)
     config = json.loads((folder / "config.json").read_text())

@@ -54,6 +54,7 @@ from ch04_pretraining.runs import (
     load_run,
     read_metrics,
     read_steps,
+    record_checkpoint,
     run_lock,
 )
 from shared.config import ConfigError
@@ -671,6 +672,26 @@ def test_rotation_never_keeps_a_damaged_checkpoint_in_place_of_a_whole_one(tmp_p
     _cut_short(tmp_path / "ckpt-0000024.safetensors")
     with pytest.warns(UserWarning, match="step 24 .* unreadable"):
         assert load_checkpoint(tmp_path)[1]["step"] == 16
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["weights file", "folder of shards"])
+def test_weights_whose_state_was_never_written_are_removed(tmp_path, monkeypatch, sharded):
+    train(tiny_config(tmp_path, max_steps=4), **QUIET)
+    weights = tmp_path / ("ckpt-0000008.dcp" if sharded else "ckpt-0000008.safetensors")
+    if sharded:
+        weights.mkdir()
+        (weights / ".metadata").write_bytes(b"shards' index")
+    else:
+        weights.write_bytes(b"weights")
+
+    def interrupted(*args, **kwargs):                     # Ctrl-C while the training state is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        record_checkpoint(tmp_path, 8, tiny_config(tmp_path), _sampler(), None, weights, keep=2)
+    assert not weights.exists() and sorted(checkpoint_steps(tmp_path)) == [0, 4]
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 4
 
 
 def _model_and_optimizer():
