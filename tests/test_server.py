@@ -307,7 +307,8 @@ def test_a_full_line_answers_503_with_retry_after(smollm_parts):
         body = {"model": NAME, "prompt": "Tell me a long story", "max_tokens": 3000, "temperature": 0}
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", running.url + "/v1/completions", json=body | {"stream": True}) as first:
-                next(first.iter_lines())                              # decoding: the one row is taken
+                first_lines = first.iter_lines()          # kept: a dropped iterator closes the connection
+                next(first_lines)                                     # decoding: the one row is taken
                 with http.stream("POST", running.url + "/v1/completions", json=body | {"stream": True}) as second:
                     assert second.status_code == 200 and running.engine.load["waiting"] == 1    # in line
                     refused = http.post(running.url + "/v1/completions", json=body)
